@@ -1,0 +1,43 @@
+"""Small static blocks: conv-norm-activation and a pooled linear classifier."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["ConvBNAct", "PooledLinearHead"]
+
+
+class ConvBNAct(nn.Sequential):
+    """Conv2d (no bias) → norm → activation."""
+
+    def __init__(self, in_chs: int, out_chs: int, *, kernel_size: int = 3, stride: int = 1, groups: int = 1,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                 act_layer: Callable[[], nn.Module] = nn.ReLU) -> None:
+        super().__init__(
+            nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups,
+                      bias=False),
+            norm_layer(out_chs),
+            act_layer(),
+        )
+
+
+class PooledLinearHead(nn.Module):
+    """Exit classifier: adaptive average pool to ``pool×pool``, flatten, linear. Takes a tensor or, for
+    multi-scale states, a list whose last (coarsest) entry it reads."""
+
+    def __init__(self, in_chs: int, num_classes: int, *, pool: int = 1, hidden: int = 0) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        feats = in_chs * pool * pool
+        self.fc: nn.Module = (
+            nn.Linear(feats, num_classes) if hidden <= 0
+            else nn.Sequential(nn.Linear(feats, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        )
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        if isinstance(x, (list, tuple)):
+            x = x[-1]
+        return self.fc(self.pool(x).flatten(1))

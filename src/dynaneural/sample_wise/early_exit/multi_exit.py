@@ -1,0 +1,383 @@
+"""Generic multi-exit network: any sequence of stages, exit classifiers after chosen stages.
+
+The early-exit idea (BranchyNet, Teerapittayanon et al., ICPR 2016, arXiv:1709.01686; SDN, Kaya et al., ICML 2019,
+arXiv:1810.07052; MSDNet, Huang et al., ICLR 2018, arXiv:1703.09844): a sample leaves the network at the first
+exit whose classifier is confident enough, and the later stages are never run for it.
+
+Modes (see :mod:`dynaneural.execution`):
+
+* train — every stage and every exit for every sample (for the multi-exit loss);
+* simulate — the same full computation, then each sample's exit is chosen from its scores, and its logits and
+  cost are gathered: the reference semantics;
+* execute — stage by stage on a shrinking batch: after each enabled exit the samples that stop have their
+  logits scattered into the output, and only the others are gathered (``index_select``) and passed on. The
+  later stages never see the samples that left. Costs are charged to the ledger for exactly the rows run.
+
+An exit whose threshold is ``+inf`` is *disabled*: it never fires, so its classifier is not even evaluated
+(in every mode's cost accounting and in execute mode's computation). With every intermediate exit disabled the
+network is its static twin (:meth:`MultiExitNetwork.to_static`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynaneural.compute.flops import static_flops
+from dynaneural.compute.ledger import CostLedger
+from dynaneural.execution import Mode, tree_index_select
+from dynaneural.outputs import EarlyExitOutput
+from dynaneural.policies.exit_rules import ExitPolicyHead, ExitRule, create_exit_rule
+from dynaneural.validation import check_batch
+
+__all__ = ["MultiExitNetwork", "ExitCostProfile", "StaticChain"]
+
+
+@dataclass(frozen=True)
+class ExitCostProfile:
+    """Static FLOPs per sample of the pieces of a multi-exit network, for one input shape.
+
+    Attributes:
+        stage: FLOPs of each stage.
+        head: FLOPs of each exit classifier.
+        policy: FLOPs of each exit's learned-policy head (0 where there is none).
+        exit_stage: the stage each exit follows.
+    """
+
+    stage: tuple[float, ...]
+    head: tuple[float, ...]
+    policy: tuple[float, ...]
+    exit_stage: tuple[int, ...]
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.head)
+
+    @property
+    def static_total(self) -> float:
+        """The static twin: every stage and the final classifier only."""
+        return sum(self.stage) + self.head[-1]
+
+    def path_costs(self, enabled: torch.Tensor | Sequence[bool], *, with_policy: bool = False) -> torch.Tensor:
+        """(K,) float64 FLOPs paid by a sample that leaves at exit k, given which exits are enabled.
+
+        A sample leaving at k ran stages 0..exit_stage[k], every enabled classifier up to k, and (with a learned
+        policy) the policy head of every enabled exit before k and at k unless k is the last enabled exit.
+        """
+        enabled_list = [bool(e) for e in enabled]
+        last = max(i for i, e in enumerate(enabled_list) if e)
+        cum_stage = torch.tensor(self.stage, dtype=torch.float64).cumsum(0)
+        out = torch.zeros(self.num_exits, dtype=torch.float64)
+        paid = 0.0
+        for k in range(self.num_exits):
+            if enabled_list[k]:
+                paid += self.head[k]
+                out[k] = cum_stage[self.exit_stage[k]] + paid
+                if with_policy and k != last:
+                    paid += self.policy[k]
+            else:
+                out[k] = float("nan")
+        return out
+
+
+class StaticChain(nn.Module):
+    """The static twin of a multi-exit network: its stages and final classifier, same weights, no decisions."""
+
+    def __init__(self, stages: nn.ModuleList, head: nn.Module) -> None:
+        super().__init__()
+        self.stages = stages
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h: Any = x
+        for stage in self.stages:
+            h = stage(h)
+        return self.head(h)
+
+
+class MultiExitNetwork(nn.Module):
+    """A network of stages with exit classifiers after some of them.
+
+    Args:
+        stages: the backbone, run in order; stage ``s`` maps the state after stage ``s-1`` (a tensor or a list
+            of tensors, e.g. multi-scale features) to the next state.
+        heads: exit classifiers by the index of the stage they follow; must include the last stage.
+        num_classes: classes predicted by every head.
+        input_shape: shape of one input sample, (C, H, W) for images.
+        exit_policy: also build a learned exit-policy head per intermediate exit (for the ``learned`` rule).
+        config: the constructor arguments of the concrete model, saved with checkpoints.
+    """
+
+    def __init__(self, *, stages: Sequence[nn.Module], heads: Mapping[int, nn.Module], num_classes: int,
+                 input_shape: Sequence[int], exit_policy: bool = False, config: Mapping[str, Any] | None = None
+                 ) -> None:
+        super().__init__()
+        if not stages:
+            raise ValueError("a multi-exit network needs at least one stage")
+        exit_stage = sorted(int(s) for s in heads)
+        if not exit_stage or exit_stage[-1] != len(stages) - 1:
+            raise ValueError(f"heads must include the last stage ({len(stages) - 1}); got stages {exit_stage}")
+        if exit_stage[0] < 0:
+            raise ValueError(f"head stage indices must be non-negative, got {exit_stage}")
+        self.stages = nn.ModuleList(stages)
+        self.heads = nn.ModuleList(heads[s] for s in exit_stage)
+        self.exit_stage: tuple[int, ...] = tuple(exit_stage)
+        self.num_classes = int(num_classes)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.config: dict[str, Any] = dict(config or {})
+        self.policy_heads = (
+            nn.ModuleList(ExitPolicyHead(num_classes) for _ in exit_stage[:-1]) if exit_policy else None
+        )
+        k = len(exit_stage)
+        # Calibrated thresholds travel with the weights. Default: every intermediate exit disabled (static net).
+        thresholds = torch.full((k,), float("inf"))
+        thresholds[-1] = float("-inf")
+        self.register_buffer("exit_thresholds", thresholds)
+        self.exit_rule: ExitRule = create_exit_rule("confidence")
+        self._profiles: dict[tuple[int, ...], ExitCostProfile] = {}
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    @property
+    def num_exits(self) -> int:
+        return len(self.heads)
+
+    def configure_exits(self, *, rule: str | ExitRule | dict[str, Any], thresholds: Sequence[float] | torch.Tensor
+                        ) -> None:
+        """Set the exit rule and per-exit thresholds (+inf disables an exit; the last exit always fires)."""
+        rule = create_exit_rule(rule)
+        if rule.needs_policy and self.policy_heads is None:
+            raise ValueError(f"rule {rule.name!r} needs a model built with exit_policy=True")
+        t = torch.as_tensor(thresholds, dtype=torch.float32).flatten()
+        if t.numel() != self.num_exits:
+            raise ValueError(f"expected {self.num_exits} thresholds, got {t.numel()}")
+        if torch.isnan(t).any():
+            raise ValueError("thresholds must not be NaN (use +inf to disable an exit)")
+        t = t.clone()
+        t[-1] = float("-inf")
+        self.exit_rule = rule
+        self.exit_thresholds.copy_(t.to(self.exit_thresholds.device))
+
+    def disable_exits(self) -> None:
+        """Run every sample to the final classifier (the static twin's behaviour)."""
+        self.configure_exits(rule=self.exit_rule, thresholds=[float("inf")] * self.num_exits)
+
+    def to_static(self) -> StaticChain:
+        """The static twin (shares this network's modules)."""
+        return StaticChain(self.stages, self.heads[-1])
+
+    def cost_profile(self, input_shape: Sequence[int] | None = None) -> ExitCostProfile:
+        """Static FLOPs of each stage and head for one input shape (counted once, then cached)."""
+        shape = tuple(input_shape or self.input_shape)
+        if shape not in self._profiles:
+            was_training = self.training
+            self.eval()  # never let the counting pass touch batch-norm statistics
+            try:
+                p = next(self.parameters())
+                h: Any = torch.zeros((1, *shape), dtype=p.dtype, device=p.device)
+                stage_f, head_f, policy_f = [], [], []
+                with torch.no_grad():
+                    for s, stage in enumerate(self.stages):
+                        stage_f.append(static_flops(stage, h))
+                        h = stage(h)
+                        if s in self.exit_stage:
+                            k = self.exit_stage.index(s)
+                            head_f.append(static_flops(self.heads[k], h))
+                            logits = self.heads[k](h)
+                            pol = self.policy_heads[k] if self.policy_heads is not None and k < self.num_exits - 1 else None
+                            policy_f.append(static_flops(pol, logits) if pol is not None else 0.0)
+            finally:
+                self.train(was_training)
+            self._profiles[shape] = ExitCostProfile(tuple(stage_f), tuple(head_f), tuple(policy_f), self.exit_stage)
+        return self._profiles[shape]
+
+    # --------------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *, mode: Mode | str | None = None, rule: str | ExitRule | None = None,
+                thresholds: Sequence[float] | torch.Tensor | None = None, max_flops: float | None = None,
+                max_seconds: float | None = None, validate: bool = True, track_parts: bool = False
+                ) -> EarlyExitOutput:
+        """Classify a batch.
+
+        Args:
+            x: (B, *input_shape) floating-point batch.
+            mode: ``train``, ``simulate`` or ``execute``; default ``train`` in training mode, else ``execute``.
+            rule: exit rule overriding the configured one.
+            thresholds: (K,) thresholds overriding the calibrated ones.
+            max_flops: anytime deadline: exits whose path costs more are not taken; every sample still running at
+                the deepest affordable exit leaves there (the best prediction available by the deadline).
+            max_seconds: wall-clock anytime deadline (execute mode only): once it has passed, the samples still
+                running leave at the next enabled exit. Non-deterministic by nature.
+            validate: check shape, dtype, emptiness and finiteness of ``x`` first.
+            track_parts: also return per-sample cost by part (stage/exit) — for ledgers and plots.
+        """
+        mode = Mode.parse(mode) if mode is not None else (Mode.TRAIN if self.training else Mode.EXECUTE)
+        if validate:
+            check_batch(x, input_shape=self.input_shape)
+        rule_obj = create_exit_rule(rule) if rule is not None else self.exit_rule
+        if rule_obj.needs_policy and self.policy_heads is None:
+            raise ValueError(f"rule {rule_obj.name!r} needs a model built with exit_policy=True")
+        thr = (torch.as_tensor(thresholds, dtype=torch.float32, device=x.device).flatten()
+               if thresholds is not None else self.exit_thresholds.to(x.device))
+        if thr.numel() != self.num_exits:
+            raise ValueError(f"expected {self.num_exits} thresholds, got {thr.numel()}")
+        profile = self.cost_profile(tuple(x.shape[1:]))
+        thr = thr.clone()
+        thr[-1] = float("-inf")
+        if max_flops is not None:
+            thr = self._apply_deadline(thr, profile, float(max_flops), rule_obj.needs_policy)
+        enabled = thr != float("inf")
+        if mode is Mode.EXECUTE:
+            if max_seconds is not None and max_seconds <= 0:
+                raise ValueError("max_seconds must be positive")
+            return self._execute(x, rule_obj, thr, enabled, profile, max_seconds, track_parts)
+        if max_seconds is not None:
+            raise ValueError("max_seconds (a wall-clock deadline) only applies in execute mode")
+        return self._full(x, mode, rule_obj, thr, enabled, profile, track_parts)
+
+    def _apply_deadline(self, thr: torch.Tensor, profile: ExitCostProfile, max_flops: float, with_policy: bool
+                        ) -> torch.Tensor:
+        enabled = (thr != float("inf")).tolist()
+        enabled[-1] = True
+        # Disable exits past the deadline, deepest first, until the deepest remaining one is affordable.
+        for k in range(self.num_exits - 1, -1, -1):
+            costs = profile.path_costs(enabled, with_policy=with_policy)
+            last = max(i for i, e in enumerate(enabled) if e)
+            if costs[last] <= max_flops:
+                break
+            if not any(enabled[:last]):
+                raise ValueError(f"max_flops={max_flops:g} is below the cheapest exit's cost "
+                                 f"{float(costs[last]):g} FLOPs: no prediction can be made by that deadline")
+            enabled[last] = False
+        last = max(i for i, e in enumerate(enabled) if e)
+        out = thr.clone()
+        for k in range(self.num_exits):
+            if not enabled[k]:
+                out[k] = float("inf")
+        out[last] = float("-inf")
+        return out
+
+    def _policy_logit(self, k: int, logits: torch.Tensor) -> torch.Tensor:
+        assert self.policy_heads is not None
+        # Detached: the policy learns to read the exit, it must not bend the classifier toward being readable.
+        return self.policy_heads[k](logits.detach())
+
+    def _full(self, x: torch.Tensor, mode: Mode, rule: ExitRule, thr: torch.Tensor, enabled: torch.Tensor,
+              profile: ExitCostProfile, track_parts: bool) -> EarlyExitOutput:
+        """Train / simulate: every stage and exit for every sample."""
+        b = x.shape[0]
+        h: Any = x
+        exit_logits: list[torch.Tensor] = []
+        policy_logits: list[torch.Tensor] | None = [] if self.policy_heads is not None else None
+        for s, stage in enumerate(self.stages):
+            h = stage(h)
+            if s in self.exit_stage:
+                k = self.exit_stage.index(s)
+                exit_logits.append(self.heads[k](h))
+                if policy_logits is not None and k < self.num_exits - 1:
+                    policy_logits.append(self._policy_logit(k, exit_logits[-1]))
+        with_policy = rule.needs_policy
+        if mode is Mode.TRAIN:
+            all_on = torch.ones(self.num_exits, dtype=torch.bool)
+            cost = profile.path_costs(all_on, with_policy=policy_logits is not None)[-1]
+            ledger = CostLedger.zeros(b, device=x.device)
+            ledger.charge(float(cost))
+            return EarlyExitOutput(logits=exit_logits[-1], cost=ledger.flops,
+                                   decisions={"exit": torch.full((b,), self.num_exits - 1, device=x.device)},
+                                   mode=mode, exit_logits=exit_logits, policy_logits=policy_logits)
+        # Simulate: scores of the enabled exits in order, then the first exit whose score reaches its threshold.
+        scores = torch.full((b, self.num_exits), float("nan"), device=x.device)
+        state = rule.init_state(b, x.device)
+        exit_index = torch.full((b,), -1, dtype=torch.long, device=x.device)
+        for k in range(self.num_exits):
+            if not bool(enabled[k]):
+                continue
+            pl = policy_logits[k] if (with_policy and policy_logits is not None and k < self.num_exits - 1) else None
+            if k == self.num_exits - 1 or thr[k] == float("-inf"):
+                stop = torch.ones(b, dtype=torch.bool, device=x.device)
+                if pl is not None or not rule.needs_policy:
+                    scores[:, k], state = rule.score(exit_logits[k], state, policy_logit=pl)
+            else:
+                scores[:, k], state = rule.score(exit_logits[k], state, policy_logit=pl)
+                stop = scores[:, k] >= thr[k]
+            exit_index = torch.where((exit_index < 0) & stop, torch.full_like(exit_index, k), exit_index)
+        stacked = torch.stack(exit_logits, 1)  # (B, K, C)
+        logits = stacked.gather(1, exit_index.view(b, 1, 1).expand(b, 1, stacked.shape[-1])).squeeze(1)
+        path = profile.path_costs(enabled.cpu(), with_policy=with_policy).to(x.device)
+        ledger = CostLedger.zeros(b, device=x.device)
+        ledger.charge(path[exit_index])
+        return EarlyExitOutput(logits=logits, cost=ledger.flops, decisions={"exit": exit_index}, mode=mode,
+                               exit_logits=exit_logits, exit_scores=scores, policy_logits=policy_logits)
+
+    def _execute(self, x: torch.Tensor, rule: ExitRule, thr: torch.Tensor, enabled: torch.Tensor,
+                 profile: ExitCostProfile, max_seconds: float | None, track_parts: bool) -> EarlyExitOutput:
+        """Execute: run each stage on the samples still active only; scatter exits back in input order."""
+        start = time.perf_counter()
+        b = x.shape[0]
+        device = x.device
+        ledger = CostLedger.zeros(b, device=device, track_parts=track_parts)
+        enabled_list = enabled.tolist()
+        last = max(i for i, e in enumerate(enabled_list) if e)
+        thr_list = thr.tolist()
+        with_policy = rule.needs_policy
+        logits_out: torch.Tensor | None = None
+        exit_index = torch.full((b,), last, dtype=torch.long, device=device)
+        active: torch.Tensor | None = None  # None means "all samples, in order": no gather needed yet
+        state = rule.init_state(b, device)
+        h: Any = x
+        for s, stage in enumerate(self.stages):
+            h = stage(h)
+            ledger.charge(profile.stage[s], active, part=f"stage{s}")
+            if s not in self.exit_stage:
+                continue
+            k = self.exit_stage.index(s)
+            if not enabled_list[k]:
+                continue
+            logits = self.heads[k](h)
+            ledger.charge(profile.head[k], active, part=f"exit{k}")
+            if logits_out is None:
+                logits_out = logits.new_empty((b, logits.shape[-1]))
+            deadline_hit = max_seconds is not None and time.perf_counter() - start >= max_seconds
+            if k == last or deadline_hit:
+                self._scatter(logits_out, exit_index, active, None, logits, k)
+                break
+            pl = None
+            if with_policy:
+                pl = self._policy_logit(k, logits)
+                ledger.charge(profile.policy[k], active, part=f"policy{k}")
+            score, state = rule.score(logits, state, policy_logit=pl)
+            stop = score >= thr_list[k]
+            n_stop = int(stop.sum())
+            if n_stop == 0:
+                continue
+            stop_idx = stop.nonzero().squeeze(1)
+            self._scatter(logits_out, exit_index, active, stop_idx, logits, k)
+            if n_stop == stop.numel():
+                break
+            keep = (~stop).nonzero().squeeze(1)
+            # Compaction: the samples that left are dropped from the state; later stages never see them.
+            h = tree_index_select(h, keep)
+            state = tree_index_select(state, keep)
+            active = keep if active is None else active.index_select(0, keep)
+        assert logits_out is not None
+        return EarlyExitOutput(logits=logits_out, cost=ledger.flops, decisions={"exit": exit_index},
+                               mode=Mode.EXECUTE, cost_by_part=ledger.by_part)
+
+    @staticmethod
+    def _scatter(out: torch.Tensor, exit_index: torch.Tensor, active: torch.Tensor | None,
+                 rows: torch.Tensor | None, logits: torch.Tensor, k: int) -> None:
+        """Write the logits of ``rows`` (indices into the active sub-batch; None = all) to their input positions."""
+        if rows is None:
+            if active is None:
+                out.copy_(logits)
+                exit_index.fill_(k)
+            else:
+                out.index_copy_(0, active, logits)
+                exit_index.index_fill_(0, active, k)
+            return
+        dest = rows if active is None else active.index_select(0, rows)
+        out.index_copy_(0, dest, logits.index_select(0, rows))
+        exit_index.index_fill_(0, dest, k)
