@@ -1,9 +1,9 @@
 """Analytic FLOPs of static layers, counted per sample.
 
 Convention (the one used by the ResNet, MSDNet and SDN papers, and by fvcore): one *FLOP* is one
-multiply-accumulate of a matrix product or convolution. Normalisation layers cost 2 per element (scale and
-shift, or 1 without affine parameters), average pooling 1 per input element, max pooling and element-wise
-activations 0. ``tests/compute/test_flops.py`` cross-checks these counts against fvcore.
+multiply-accumulate of a matrix product or convolution. Batch norm at inference costs 2 per element (scale and
+shift), layer/group/instance norm 5 (they compute statistics), average pooling 1 per input element, max pooling
+and element-wise activations 0; RNN cells count the MACs of their gate matrices. ``tests/compute/test_flops.py`` cross-checks these counts against fvcore.
 
 The counter attaches forward hooks to leaf modules and evaluates the formulas from the *shapes* that actually
 flow through them, so it is exact for any static network whatever its wiring. Dynamic models do not use it
@@ -81,16 +81,20 @@ def _conv_transpose(m: nn.Module, inputs: tuple[Any, ...], output: Any) -> float
     return float(x.numel() * per_input)
 
 
-@register_flops_rule(
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-)
-def _norm(m: nn.Module, inputs: tuple[Any, ...], output: Any) -> float:
+@register_flops_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def _batch_norm(m: nn.Module, inputs: tuple[Any, ...], output: Any) -> float:
+    # At inference batch norm uses stored statistics: one scale and one shift per element (fvcore's convention).
     x = _first_tensor(inputs)
-    affine = getattr(m, "affine", None)
-    if affine is None:
-        affine = getattr(m, "elementwise_affine", True)
-    return float(x.numel() * (2 if affine else 1))
+    return float(x.numel() * (2 if getattr(m, "affine", True) else 1))
+
+
+@register_flops_rule(nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def _stat_norm(m: nn.Module, inputs: tuple[Any, ...], output: Any) -> float:
+    # These compute statistics at inference too: mean, variance, normalise (+ scale and shift) — 5 per element
+    # with affine parameters, 4 without (fvcore's convention).
+    x = _first_tensor(inputs)
+    affine = getattr(m, "affine", getattr(m, "elementwise_affine", True))
+    return float(x.numel() * (5 if affine else 4))
 
 
 @register_flops_rule(
@@ -150,6 +154,13 @@ def _rnn(m: nn.Module, inputs: tuple[Any, ...], output: Any) -> float:
     return float(total)
 
 
+def _rule_for(cls: type) -> _Rule | None:
+    for base in cls.__mro__:  # subclasses (e.g. MultiheadAttention's NonDynamicallyQuantizableLinear) inherit
+        if base in _RULES:
+            return _RULES[base]
+    return None
+
+
 @dataclass
 class FlopsReport:
     """FLOPs of one forward pass, per sample.
@@ -165,7 +176,8 @@ class FlopsReport:
     uncounted: list[str] = field(default_factory=list)
 
 
-def count_flops(model: nn.Module, *args: Any, strict: bool = True, **kwargs: Any) -> FlopsReport:
+def count_flops(model: nn.Module, *args: Any, strict: bool = True, batch_size: int | None = None, **kwargs: Any
+                ) -> FlopsReport:
     """Count the FLOPs per sample of ``model(*args, **kwargs)`` from the shapes that flow through it.
 
     Args:
@@ -174,35 +186,38 @@ def count_flops(model: nn.Module, *args: Any, strict: bool = True, **kwargs: Any
         *args: example inputs; the leading dimension of the first tensor is the batch size, and the result is
             divided by it.
         strict: raise if a leaf module that holds parameters has no rule (its cost would silently be missing).
+        batch_size: samples in the example (default: leading dimension of the first tensor; give it for
+            sequence-first inputs).
         **kwargs: passed to the forward.
 
     Modules may define ``flops(inputs, output) -> float`` (whole-batch FLOPs) to count themselves; their children
     are then not visited.
     """
-    batch = _first_tensor(args).shape[0]
+    batch = batch_size if batch_size is not None else _first_tensor(args).shape[0]
     if batch == 0:
         raise ValueError("count_flops needs a non-empty example batch")
     by_module: dict[str, float] = {}
     uncounted: list[str] = []
     handles = []
-    self_counted: list[str] = []
 
     def make_hook(name: str, rule: _Rule) -> Callable[..., None]:
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            if any(name.startswith(p + ".") for p in self_counted):
-                return
             by_module[name] = by_module.get(name, 0.0) + rule(mod, inputs, output) / batch
 
         return hook
 
+    covered: list[str] = []  # modules counted as a whole (a rule or their own flops()): skip their children
     for name, mod in model.named_modules():
+        if any(name.startswith(p + ".") for p in covered):
+            continue
         custom = getattr(mod, "flops", None)
         if callable(custom) and mod is not model:
-            self_counted.append(name)
+            covered.append(name)
             handles.append(mod.register_forward_hook(make_hook(name, lambda m, i, o: m.flops(i, o))))  # type: ignore[operator]
             continue
-        rule = _RULES.get(type(mod))
+        rule = _rule_for(type(mod))
         if rule is not None:
+            covered.append(name)
             handles.append(mod.register_forward_hook(make_hook(name, rule)))
         elif not list(mod.children()) and any(True for _ in mod.parameters(recurse=False)):
             uncounted.append(name or type(mod).__name__)

@@ -1,4 +1,4 @@
-"""``python -m dynaneural.data NAME [NAME ...] [--data-dir DIR] [--force]``: download datasets (see ``download.main``)."""
+"""``python -m dynaneural.data NAME [NAME ...] [--data-dir DIR] [--force]``: download datasets (``download.main``)."""
 
 from dynaneural.data.download import main
 

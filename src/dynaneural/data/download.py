@@ -51,6 +51,7 @@ def download_file(url: str, dest: str | Path, *, md5: str) -> Path:
                 f"download of {url} failed its md5 check: expected {md5}, got {actual}. The download is corrupt or "
                 f"incomplete and was removed; {dest} was left untouched. Try again."
             )
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

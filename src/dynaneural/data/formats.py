@@ -35,15 +35,18 @@ def read_idx(path: str | Path, *, expected_magic: int | None = None) -> np.ndarr
         DataIntegrityError: Unreadable gzip stream, bad magic number, or a payload whose size does not match the header.
     """
     path = Path(path)
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataIntegrityError(f"{path} is not a readable gzip file ({exc}); delete it and download it again") from exc
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataIntegrityError(f"{path} is not a readable gzip file ({exc}); download it again") from exc
     if len(raw) < 4:
         raise DataIntegrityError(f"{path} is too short ({len(raw)} bytes) to be an idx file")
     magic = int.from_bytes(raw[:4], "big")
     ndim = raw[3]
-    if raw[:2] != b"\x00\x00" or raw[2] != 0x08 or ndim == 0 or (expected_magic is not None and magic != expected_magic):
+    bad_magic = expected_magic is not None and magic != expected_magic
+    if raw[:2] != b"\x00\x00" or raw[2] != 0x08 or ndim == 0 or bad_magic:
         wanted = f"0x{expected_magic:08x}" if expected_magic is not None else "0x000008NN (uint8 idx)"
         raise DataIntegrityError(f"{path} has a bad idx magic number 0x{magic:08x}, expected {wanted}")
     header = 4 + 4 * ndim
@@ -112,7 +115,9 @@ def read_cifar10_archive(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.n
                     assert handle is not None  # a regular file always has a stream
                     batches[parts[1]] = _read_batch(handle, parts[1], path)
     except (tarfile.TarError, lzma.LZMAError, EOFError, zlib.error, OSError) as exc:
-        raise DataIntegrityError(f"{path} is not a readable CIFAR-10 tarball ({exc}); delete it and download it again") from exc
+        raise DataIntegrityError(
+            f"{path} is not a readable CIFAR-10 tarball ({exc}); delete it and download it again"
+        ) from exc
     missing = sorted(wanted - batches.keys())
     if missing:
         raise DataIntegrityError(f"{path} lacks {', '.join(f'{_CIFAR_DIR}/{m}' for m in missing)}")

@@ -34,7 +34,7 @@ _CACHE_VERSION = 1
 def _to_float(images: np.ndarray, *, scale: float, name: str) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32, divided by ``scale`` then normalized with ``NORMALIZATION[name]``."""
     mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in NORMALIZATION[name])
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32)
+    x = torch.from_numpy(images.astype(np.float32))  # a fresh, writable copy
     return x.div_(scale).sub_(mean).div_(std)
 
 
@@ -156,7 +156,8 @@ def _cifar_arrays(archive: Path, md5: str, *, cache_dir: Path | None) -> tuple[n
         fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **dict(zip(keys, arrays)))
+                np.savez(handle, **dict(zip(keys, arrays, strict=True)))
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600
             os.replace(tmp, cache)
         finally:
             Path(tmp).unlink(missing_ok=True)

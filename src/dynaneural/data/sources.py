@@ -67,7 +67,7 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
 
 
 def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    """Return the cache folder for decoded arrays: the argument, else ``$DYNANEURAL_CACHE``, else ``~/.cache/dynaneural``.
+    """Return the decode-cache folder: the argument, else ``$DYNANEURAL_CACHE``, else ``~/.cache/dynaneural``.
 
     Args:
         cache_dir: Folder given by the caller, or ``None``.

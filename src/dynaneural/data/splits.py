@@ -46,7 +46,8 @@ class DatasetSplits:
             x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
             if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or tuple(x.shape[1:]) != shape:
                 got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ValueError(f"{split}_x must be a float32 tensor of shape (N, {', '.join(map(str, shape))}), got {got}")
+                want = ", ".join(map(str, shape))
+                raise ValueError(f"{split}_x must be a float32 tensor of shape (N, {want}), got {got}")
             if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.shape != (x.shape[0],):
                 got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ValueError(f"{split}_y must be an int64 tensor of shape ({x.shape[0]},), got {got}")
@@ -82,7 +83,7 @@ def stratified_split(labels: np.ndarray, *, n_holdout: int, rng: np.random.Gener
     take = np.floor(quota).astype(np.int64)
     take[np.argsort(take - quota, kind="stable")[: n_holdout - int(take.sum())]] += 1
     kept, held = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
-    for cls, k in zip(classes, take):
+    for cls, k in zip(classes, take, strict=True):
         idx = rng.permutation(np.flatnonzero(labels == cls))
         held.append(idx[:k])
         kept.append(idx[k:])

@@ -8,7 +8,9 @@ validation pass can record the score matrix (N, K) once and calibration can choo
 * ``entropy`` — ``1 - H(p) / log C``: 1 for a one-hot prediction, 0 for a uniform one (BranchyNet, Teerapittayanon
   et al., ICPR 2016).
 * ``patience`` — number of consecutive exits, ending at this one, whose argmax agrees (PABEE, Zhou et al.,
-  NeurIPS 2020, "BERT Loses Patience"); threshold ``p + 1`` means "the last p+1 exits agree".
+  NeurIPS 2020, "BERT Loses Patience", arXiv:2006.04152), plus this exit's max-softmax probability in [0, 1) as
+  a tie-break; threshold ``p + 1`` is PABEE's rule "the last p+1 exits agree", and fractional thresholds let
+  calibration split the many samples that share an integer count (pure counts cannot meet most budgets).
 * ``learned`` — the sigmoid of a small trained head that predicts whether this exit's prediction is already
   right (a learned exit policy in the spirit of the learned exits of the survey, Sec. 3.1).
 """
@@ -81,7 +83,8 @@ class PatienceRule(ExitRule):
               ) -> tuple[torch.Tensor, State]:
         pred = logits.argmax(-1)
         count = torch.where(pred == state["prev"], state["count"] + 1, torch.ones_like(state["count"]))
-        return count.float(), {"prev": pred, "count": count}
+        conf = logits.float().softmax(-1).amax(-1).clamp(max=1.0 - 1e-6)  # < 1 so counts never merge
+        return count.float() + conf, {"prev": pred, "count": count}
 
 
 class LearnedRule(ExitRule):
