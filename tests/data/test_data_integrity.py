@@ -107,6 +107,19 @@ def test_read_idx_round_trip_and_bad_headers(tmp_path: Path) -> None:
         read_idx(not_gzip)
 
 
+def test_loader_catches_bad_idx_magic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for name in MNIST_NAMES:  # tiny files that pass the (patched) md5 table; the labels carry the images magic
+        n = 60000 if name.startswith("train") else 10000
+        raw = _idx_bytes(0x803, (n,), bytes(n)) if "labels" in name else _idx_bytes(0x803, (0, 28, 28), b"")
+        blob = gzip.compress(raw)
+        (folder / name).write_bytes(blob)
+        monkeypatch.setitem(FILES["mnist"], name, hashlib.md5(blob).hexdigest())
+    with pytest.raises(DataIntegrityError, match="bad idx magic"):
+        load_mnist(data_dir=tmp_path)
+
+
 # --- downloads (the network fetch is replaced) ------------------------------------------------------------------------
 
 def test_download_failing_md5_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

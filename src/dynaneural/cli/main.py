@@ -1,0 +1,231 @@
+"""``dynaneural`` command line: demo, train, calibrate, eval, bench, models, recipes.
+
+Every command is a thin layer over the library: it parses arguments, calls one function, prints a summary and
+writes structured results (JSON) where asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+def _maybe_reexec_with_tuned_allocator(args: argparse.Namespace) -> None:
+    """Benchmarks run under the same allocator settings on both sides (shared/FEASIBILITY.md): the glibc
+    variables only take effect at process start, so re-execute once with them set."""
+    from dynaneural.bench.timing import tuned_allocator_env
+
+    if getattr(args, "no_allocator_tuning", False):
+        return
+    env = tuned_allocator_env()
+    if env is not None:
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "dynaneural.cli.main", *sys.argv[1:]], env)
+
+
+def _recipe(args: argparse.Namespace) -> Any:
+    from dynaneural.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    overrides: dict[str, Any] = {}
+    if getattr(args, "epochs", None):
+        overrides["epochs"] = args.epochs
+    if overrides:
+        recipe.train.update(overrides)
+    return recipe.quick_variant() if getattr(args, "quick", False) else recipe
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dynaneural.bench.pipeline import format_table, run_early_exit_experiment
+    from dynaneural.recipes import load_recipe
+
+    _maybe_reexec_with_tuned_allocator(args)
+    recipe = load_recipe("early_exit_digits")
+    if args.quick:
+        recipe = recipe.quick_variant()
+    print(f"DynaNeural demo: multi-exit ConvNet on scikit-learn digits → {args.out}", flush=True)
+    metrics = run_early_exit_experiment(recipe, out_dir=args.out, progress=not args.no_progress)
+    print(format_table(metrics))
+    print(f"wrote {Path(args.out) / 'metrics.json'}, accuracy_vs_compute.png, exit_histogram.png, "
+          f"model.safetensors ({metrics['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_bench_early_exit(args: argparse.Namespace) -> int:
+    from dynaneural.bench.pipeline import format_table, run_early_exit_experiment
+
+    _maybe_reexec_with_tuned_allocator(args)
+    args.recipe = args.recipe or f"early_exit_{args.dataset.replace('-', '_')}"
+    recipe = _recipe(args)
+    if recipe.dataset != args.dataset:
+        raise SystemExit(f"recipe {recipe.name} is for dataset {recipe.dataset}, not {args.dataset}")
+    out = Path(args.out or f"runs/bench-{recipe.name}")
+    metrics = run_early_exit_experiment(recipe, out_dir=out, data_dir=args.data_dir, progress=not args.no_progress)
+    metrics["allocator"] = {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")}
+    metrics["command"] = "dynaneural " + " ".join(sys.argv[1:])
+    print(format_table(metrics))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dynaneural.bench.pipeline import train_recipe_model
+    from dynaneural.data import load_dataset
+    from dynaneural.engine import save_model, evaluate
+
+    recipe = _recipe(args)
+    data = load_dataset(recipe.dataset, data_dir=args.data_dir, **recipe.data)
+    out = Path(args.out)
+    model = train_recipe_model(recipe, data, out_dir=out, tag="dynamic", progress=not args.no_progress)
+    res = evaluate(model, data.val_x, data.val_y, mode="train")
+    path = save_model(model, out / "model.safetensors", extras={"recipe": recipe.name, "val": res.to_dict()})
+    print(json.dumps({"checkpoint": str(path), "val_exit_accuracy": res.exit_accuracy}, indent=2))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from dynaneural.calibration import calibrate_exits, measure_latency_profile
+    from dynaneural.data import load_dataset
+    from dynaneural.engine import load_model, read_checkpoint, save_model
+
+    model = load_model(args.checkpoint)
+    data = load_dataset(args.dataset, data_dir=args.data_dir)
+    latency = (measure_latency_profile(model, data.val_x[:512], batch_size=args.batch_size)
+               if args.unit == "ms" else None)
+    res = calibrate_exits(model, data.val_x, data.val_y, budget=args.budget, unit=args.unit, method=args.method,
+                          rule=args.rule, latency=latency, latency_batch_size=args.batch_size if latency else None)
+    extras = dict(read_checkpoint(args.checkpoint).extras or {})
+    extras["calibration"] = res.to_dict()
+    out = save_model(model, args.out or args.checkpoint, extras=extras)
+    print(json.dumps({**res.to_dict(), "checkpoint": str(out)}, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dynaneural.data import load_dataset
+    from dynaneural.engine import evaluate, load_model
+
+    model = load_model(args.checkpoint)
+    data = load_dataset(args.dataset, data_dir=args.data_dir)
+    x, y = (data.test_x, data.test_y) if args.split == "test" else (data.val_x, data.val_y)
+    res = evaluate(model, x, y, batch_size=args.batch_size, mode=args.mode)
+    profile = model.cost_profile()
+    d = res.to_dict()
+    if res.mean_cost:
+        d["theoretical_speedup"] = profile.static_total / res.mean_cost
+    print(json.dumps(d, indent=2))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from dynaneural.registry import list_models
+
+    print("\n".join(list_models(args.pattern)))
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from dynaneural.recipes import list_recipes
+
+    print("\n".join(list_recipes()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynaneural", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def data_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data-dir", default=None, help="data folder (default: $DYNANEURAL_DATA)")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument("--no-allocator-tuning", action="store_true",
+                        help="do not re-execute with the glibc allocator settings used for benchmarks")
+
+    d = sub.add_parser("demo", help="train, calibrate and benchmark a multi-exit net on the embedded digits")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--quick", action="store_true", help="a smoke-sized run (seconds)")
+    common(d)
+    d.set_defaults(fn=cmd_demo)
+
+    t = sub.add_parser("train", help="train a model from a recipe")
+    t.add_argument("--recipe", required=True, help="shipped recipe name (see `dynaneural recipes`) or a YAML path")
+    t.add_argument("--out", required=True)
+    t.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    t.add_argument("--quick", action="store_true")
+    data_opts(t)
+    common(t)
+    t.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser("calibrate", help="fit exit thresholds to a budget on the validation split")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--dataset", required=True)
+    c.add_argument("--budget", type=float, required=True)
+    c.add_argument("--unit", default="fraction", choices=["fraction", "flops", "depth", "ms"])
+    c.add_argument("--method", default="geometric", choices=["geometric", "search"])
+    c.add_argument("--rule", default="confidence", choices=["confidence", "entropy", "patience", "learned"])
+    c.add_argument("--batch-size", type=int, default=64, help="batch size the ms budget refers to")
+    c.add_argument("--out", default=None, help="write the calibrated checkpoint here (default: in place)")
+    data_opts(c)
+    c.set_defaults(fn=cmd_calibrate)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--dataset", required=True)
+    e.add_argument("--mode", default="execute", choices=["train", "simulate", "execute"])
+    e.add_argument("--split", default="test", choices=["test", "val"])
+    e.add_argument("--batch-size", type=int, default=256)
+    data_opts(e)
+    e.set_defaults(fn=cmd_eval)
+
+    b = sub.add_parser("bench", help="benchmarks: realized vs theoretical speed-up, as ratios in one run")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    ee = bsub.add_parser("early-exit", help="early exit: calibrate budgets, time batch sizes, compare static nets")
+    ee.add_argument("--dataset", required=True, choices=["digits", "mnist", "fashion-mnist", "cifar10"])
+    ee.add_argument("--recipe", default=None, help="default: early_exit_<dataset>")
+    ee.add_argument("--quick", action="store_true", help="the recipe's quick variant")
+    ee.add_argument("--json", default=None, help="write the rows here")
+    ee.add_argument("--out", default=None, help="run folder (checkpoints, plots); default runs/bench-<recipe>")
+    ee.add_argument("--epochs", type=int, default=None)
+    data_opts(ee)
+    common(ee)
+    ee.set_defaults(fn=cmd_bench_early_exit)
+
+    m = sub.add_parser("models", help="list registered models")
+    m.add_argument("pattern", nargs="?", default="*")
+    m.set_defaults(fn=cmd_models)
+    r = sub.add_parser("recipes", help="list shipped recipes")
+    r.set_defaults(fn=cmd_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except (ValueError, FileNotFoundError, TypeError) as e:  # user errors: one clear line, no stack trace
+        from dynaneural.engine import CheckpointError  # noqa: F401
+
+        print(f"dynaneural {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from dynaneural.engine import CheckpointError
+
+        if isinstance(e, CheckpointError):
+            print(f"dynaneural {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
