@@ -106,7 +106,7 @@ class Recipe:
             raise ValueError(f"quick: only train, data, calibration and bench can be overridden, got {list(self.quick)}")
         from dynaneural.engine import TrainConfig  # local: engine imports models, recipes are imported by the CLI
 
-        TrainConfig(**self.train)  # validate now, not after an hour of data loading
+        TrainConfig.from_dict(self.train)  # validate now, not after an hour of data loading
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, where: str = "recipe") -> Recipe:

@@ -23,9 +23,29 @@ class CostLedger:
         by_part: per-sample FLOPs charged under each part name (e.g. ``"stage2"``, ``"exit1"``), shape (B,).
     """
 
-    flops: torch.Tensor
+    _flops: torch.Tensor
     by_part: dict[str, torch.Tensor] = field(default_factory=dict)
     track_parts: bool = False
+    # Scalar charges are kept as numbers until read: one pending sum for every row, one for the current sub-batch
+    # (the same index tensor charged stage after stage), so a stage costs no tensor op for the ledger.
+    _common: float = 0.0
+    _pending_index: torch.Tensor | None = None
+    _pending: float = 0.0
+
+    @property
+    def flops(self) -> torch.Tensor:
+        self._flush()
+        if self._common:
+            self._flops += self._common
+            self._common = 0.0
+        return self._flops
+
+    def _flush(self) -> None:
+        if self._pending_index is not None and self._pending:
+            idx = self._pending_index
+            self._flops.index_add_(0, idx, torch.full((idx.numel(),), self._pending, dtype=torch.float64,
+                                                      device=self._flops.device))
+        self._pending_index, self._pending = None, 0.0
 
     @classmethod
     def zeros(cls, batch_size: int, *, device: torch.device | str | None = None, track_parts: bool = False
@@ -36,14 +56,22 @@ class CostLedger:
         """Charge ``flops`` (a scalar or per-row tensor) to the samples in ``index`` (all samples if None)."""
         value = flops.to(torch.float64) if isinstance(flops, torch.Tensor) else float(flops)
         if index is None:
-            self.flops += value
-        else:
             if isinstance(value, float):
-                value = torch.full((index.numel(),), value, dtype=torch.float64, device=self.flops.device)
-            self.flops.index_add_(0, index, value)
+                self._common += value
+            else:
+                self._flops += value
+        elif isinstance(value, float):
+            if index is not self._pending_index:
+                self._flush()
+                self._pending_index = index
+            self._pending += value
+        else:
+            self._flops.index_add_(0, index, value)
         if self.track_parts and part:
-            slot = self.by_part.setdefault(part, torch.zeros_like(self.flops))
+            slot = self.by_part.setdefault(part, torch.zeros_like(self._flops))
             if index is None:
                 slot += value
             else:
-                slot.index_add_(0, index, value)  # type: ignore[arg-type]
+                v = value if isinstance(value, torch.Tensor) else torch.full(
+                    (index.numel(),), value, dtype=torch.float64, device=slot.device)
+                slot.index_add_(0, index, v)

@@ -220,15 +220,18 @@ class MultiExitNetwork(nn.Module):
         rule_obj = create_exit_rule(rule) if rule is not None else self.exit_rule
         if rule_obj.needs_policy and self.policy_heads is None:
             raise ValueError(f"rule {rule_obj.name!r} needs a model built with exit_policy=True")
-        thr = (torch.as_tensor(thresholds, dtype=torch.float32, device=x.device).flatten()
-               if thresholds is not None else self.exit_thresholds.to(x.device))
-        if thr.numel() != self.num_exits:
-            raise ValueError(f"expected {self.num_exits} thresholds, got {thr.numel()}")
         profile = self.cost_profile(tuple(x.shape[1:]))
-        thr = thr.clone()
-        thr[-1] = float("-inf")
-        if max_flops is not None:
-            thr = self._apply_deadline(thr, profile, float(max_flops), rule_obj.needs_policy)
+        if thresholds is None and max_flops is None:
+            thr = self._default_plan()
+        else:
+            thr = (torch.as_tensor(thresholds, dtype=torch.float32).flatten().cpu()
+                   if thresholds is not None else self.exit_thresholds.detach().float().cpu())
+            if thr.numel() != self.num_exits:
+                raise ValueError(f"expected {self.num_exits} thresholds, got {thr.numel()}")
+            thr = thr.clone()
+            thr[-1] = float("-inf")
+            if max_flops is not None:
+                thr = self._apply_deadline(thr, profile, float(max_flops), rule_obj.needs_policy)
         enabled = thr != float("inf")
         if mode is Mode.EXECUTE:
             if max_seconds is not None and max_seconds <= 0:
@@ -236,7 +239,17 @@ class MultiExitNetwork(nn.Module):
             return self._execute(x, rule_obj, thr, enabled, profile, max_seconds, track_parts)
         if max_seconds is not None:
             raise ValueError("max_seconds (a wall-clock deadline) only applies in execute mode")
-        return self._full(x, mode, rule_obj, thr, enabled, profile, track_parts)
+        return self._full(x, mode, rule_obj, thr.to(x.device), enabled, profile, track_parts)
+
+    def _default_plan(self) -> torch.Tensor:
+        """The configured thresholds on the CPU, cached until the buffer changes (its version counter moves on
+        every in-place write, ``load_state_dict`` included): saves a few tensor ops per call at batch 1."""
+        key = (self.exit_thresholds._version, self.exit_thresholds.data_ptr())
+        if getattr(self, "_plan_key", None) != key:
+            thr = self.exit_thresholds.detach().float().cpu().clone()
+            thr[-1] = float("-inf")
+            self._plan_thr, self._plan_key = thr, key
+        return self._plan_thr
 
     def _apply_deadline(self, thr: torch.Tensor, profile: ExitCostProfile, max_flops: float, with_policy: bool
                         ) -> torch.Tensor:
