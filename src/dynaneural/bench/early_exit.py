@@ -115,8 +115,8 @@ def benchmark_early_exit(model: MultiExitNetwork, *, val_x: torch.Tensor, val_y:
                 enabled = torch.tensor([t != float("inf") for t in res.thresholds])
                 assert latency is not None
                 achieved = float(latency.path_costs(enabled, with_policy=False)[exits].mean())
-            cmp = compare(lambda: run_in_batches(static, xt, bs),
-                          lambda: run_in_batches(lambda b: model(b, mode="execute", validate=False), xt, bs),
+            cmp = compare(lambda xt=xt, bs=bs: run_in_batches(static, xt, bs),
+                          lambda xt=xt, bs=bs: run_in_batches(lambda b: model(b, mode="execute", validate=False), xt, bs),
                           repeats=repeats)
             theo = static_flops / mean_flops
             rows.append(EarlyExitRow(

@@ -15,7 +15,10 @@ from typing import Any
 import torch
 
 from dynaneural.bench.early_exit import (
-    benchmark_early_exit, benchmark_static, overhead_with_exits_disabled, run_in_batches,
+    benchmark_early_exit,
+    benchmark_static,
+    overhead_with_exits_disabled,
+    run_in_batches,
 )
 from dynaneural.bench.plots import plot_accuracy_vs_compute, plot_exit_histogram
 from dynaneural.calibration import calibrate_exits

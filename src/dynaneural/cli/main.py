@@ -80,7 +80,7 @@ def cmd_bench_early_exit(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dynaneural.bench.pipeline import train_recipe_model
     from dynaneural.data import load_dataset
-    from dynaneural.engine import save_model, evaluate
+    from dynaneural.engine import evaluate, save_model
 
     recipe = _recipe(args)
     data = load_dataset(recipe.dataset, data_dir=args.data_dir, **recipe.data)

@@ -59,7 +59,7 @@ def build_exit_convnet(cfg: ExitConvNetConfig) -> MultiExitNetwork:
     n = cfg.num_stages or len(cfg.widths)
     stages: list[nn.Module] = []
     prev = cfg.in_chans
-    for w, s in zip(cfg.widths[:n], cfg.strides[:n]):
+    for w, s in zip(cfg.widths[:n], cfg.strides[:n], strict=True):
         layers = [ConvBNAct(prev, w, stride=s)] + [ConvBNAct(w, w) for _ in range(cfg.depth - 1)]
         stages.append(nn.Sequential(*layers))
         prev = w

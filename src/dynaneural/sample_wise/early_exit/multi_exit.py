@@ -67,7 +67,7 @@ class ExitCostProfile:
         """(K,) float64 FLOPs paid by a sample that leaves at exit k, given which exits are enabled.
 
         A sample leaving at k ran stages 0..exit_stage[k], every enabled classifier up to k, and (with a learned
-        policy) the policy head of every enabled exit before k and at k unless k is the last enabled exit.
+        policy) the policy head of every enabled exit up to k, except the last enabled exit's (nothing to decide).
         """
         enabled_list = [bool(e) for e in enabled]
         last = max(i for i, e in enumerate(enabled_list) if e)
@@ -77,9 +77,9 @@ class ExitCostProfile:
         for k in range(self.num_exits):
             if enabled_list[k]:
                 paid += self.head[k]
-                out[k] = cum_stage[self.exit_stage[k]] + paid
-                if with_policy and k != last:
+                if with_policy and k != last:  # the policy decided this exit, whether the sample left or not
                     paid += self.policy[k]
+                out[k] = cum_stage[self.exit_stage[k]] + paid
             else:
                 out[k] = float("nan")
         return out
@@ -210,7 +210,7 @@ class MultiExitNetwork(nn.Module):
             max_flops: anytime deadline: exits whose path costs more are not taken; every sample still running at
                 the deepest affordable exit leaves there (the best prediction available by the deadline).
             max_seconds: wall-clock anytime deadline (execute mode only): once it has passed, the samples still
-                running leave at the next enabled exit. Non-deterministic by nature.
+                running leave at the next exit (disabled ones included). Non-deterministic by nature.
             validate: check shape, dtype, emptiness and finiteness of ``x`` first.
             track_parts: also return per-sample cost by part (stage/exit) — for ledgers and plots.
         """
@@ -253,25 +253,19 @@ class MultiExitNetwork(nn.Module):
 
     def _apply_deadline(self, thr: torch.Tensor, profile: ExitCostProfile, max_flops: float, with_policy: bool
                         ) -> torch.Tensor:
-        enabled = (thr != float("inf")).tolist()
-        enabled[-1] = True
-        # Disable exits past the deadline, deepest first, until the deepest remaining one is affordable.
+        """Thresholds for an anytime deadline: the deepest exit whose path fits the deadline becomes the final
+        one (enabled even if calibration had disabled it); exits after it are disabled."""
+        on = (thr != float("inf")).tolist()
         for k in range(self.num_exits - 1, -1, -1):
-            costs = profile.path_costs(enabled, with_policy=with_policy)
-            last = max(i for i, e in enumerate(enabled) if e)
-            if costs[last] <= max_flops:
-                break
-            if not any(enabled[:last]):
-                raise ValueError(f"max_flops={max_flops:g} is below the cheapest exit's cost "
-                                 f"{float(costs[last]):g} FLOPs: no prediction can be made by that deadline")
-            enabled[last] = False
-        last = max(i for i, e in enumerate(enabled) if e)
-        out = thr.clone()
-        for k in range(self.num_exits):
-            if not enabled[k]:
-                out[k] = float("inf")
-        out[last] = float("-inf")
-        return out
+            enabled = on[:k] + [True] + [False] * (self.num_exits - 1 - k)
+            if float(profile.path_costs(enabled, with_policy=with_policy)[k]) <= max_flops:
+                out = thr.clone()
+                out[k + 1:] = float("inf")
+                out[k] = float("-inf")
+                return out
+        cheapest = float(profile.path_costs([True] + [False] * (self.num_exits - 1), with_policy=with_policy)[0])
+        raise ValueError(f"max_flops={max_flops:g} is below the cheapest exit's cost {cheapest:g} FLOPs: no "
+                         "prediction can be made by that deadline")
 
     def _policy_logit(self, k: int, logits: torch.Tensor) -> torch.Tensor:
         assert self.policy_heads is not None
@@ -347,13 +341,13 @@ class MultiExitNetwork(nn.Module):
             if s not in self.exit_stage:
                 continue
             k = self.exit_stage.index(s)
-            if not enabled_list[k]:
+            deadline_hit = max_seconds is not None and time.perf_counter() - start >= max_seconds
+            if not enabled_list[k] and not deadline_hit:  # past the deadline any exit will do, even a disabled one
                 continue
             logits = self.heads[k](h)
             ledger.charge(profile.head[k], active, part=f"exit{k}")
             if logits_out is None:
                 logits_out = logits.new_empty((b, logits.shape[-1]))
-            deadline_hit = max_seconds is not None and time.perf_counter() - start >= max_seconds
             if k == last or deadline_hit:
                 self._scatter(logits_out, exit_index, active, None, logits, k)
                 break
