@@ -84,3 +84,9 @@ def test_mnist_variant() -> None:
 def test_build_errors(models, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         build_cascade(models(), **kwargs)
+
+
+def test_build_leaves_member_modes_alone() -> None:
+    members = [m.eval() for m in _members((1, 2))]
+    build_cascade(members)
+    assert not any(m.training for member in members for m in member.modules())

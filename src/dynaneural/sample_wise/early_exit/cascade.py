@@ -98,13 +98,14 @@ def _check_members(heads: dict[int, CascadeMember], shape: tuple[int, ...], num_
         p = next(member.parameters(), None)
         x = torch.zeros((2, *shape), dtype=p.dtype if p is not None else torch.float32,
                         device=p.device if p is not None else None)
-        was_training = member.training
+        modes = {m: m.training for m in member.modules()}
         member.eval()  # never let the check touch batch-norm statistics
         try:
             with torch.no_grad():
                 out = member(x)
         finally:
-            member.train(was_training)
+            for m, training in modes.items():
+                m.training = training
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"cascade member {k} must return (batch, {num_classes}) logits, got {got}")

@@ -3,9 +3,9 @@
 Paper: Y. Kaya, S. Hong, T. Dumitras, "Shallow-Deep Networks: Understanding and Mitigating Network Overthinking",
 ICML 2019, arXiv:1810.07052.
 
-SDN's point (Sec. 3-4): many samples are classified correctly by a *shallow* part of an off-the-shelf network, and
+SDN's point: many samples are classified correctly by a *shallow* part of an off-the-shelf network, and
 some are even misclassified later ("overthinking"); internal classifiers (ICs) attached to the backbone let such
-samples leave early. An IC is deliberately cheap — the *feature reduction* of Sec. 4.1 pools the block's output to
+samples leave early. An IC is deliberately cheap — the *feature reduction* pools the block's output to
 a small map with a learned mix of max and average pooling, ``α·maxpool(h) + (1 − α)·avgpool(h)``, then one linear
 layer — and the ICs sit where the network has spent about 15 %, 30 %, 45 %, 60 %, 75 % and 90 % of its cost.
 
@@ -111,7 +111,7 @@ class BasicBlock(nn.Module):
 
 
 class _Mix(nn.Module):
-    """``α·a + (1 − α)·b`` with a learned scalar α (SDN initialises it at random in [0, 1); we use 0.5).
+    """``α·a + (1 − α)·b`` with a learned scalar α (the SDN code draws it at random in [0, 1); we start at 0.5).
 
     Its own module so that the FLOPs counter sees a leaf that says what it costs: element-wise work, 0 FLOPs by the
     library's convention (as for activations and residual sums).
