@@ -209,3 +209,15 @@ def test_config_dict_round_trip(tmp_path):
         TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(TypeError):
         TrainConfig(3)  # keyword-only
+
+
+def test_channels_last_training_returns_a_default_format_model():
+    import dynaneural as dn
+    from dynaneural.engine import TrainConfig, train
+
+    model = dn.create_model("test_exit_convnet")
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    train(model, train_x=x, train_y=y, config=TrainConfig(epochs=1, batch_size=32, progress=False, device="cpu",
+                                                          channels_last=True))
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous()

@@ -84,6 +84,8 @@ class TrainConfig:
             ``epochs``, so a cut run is an exact prefix of the full one and can be resumed.
         eval_batch_size: batch size of the per-epoch validation.
         num_threads: torch CPU threads during training (None = leave as is).
+        channels_last: train image models in channels-last memory format (1.2–1.5× faster convolutions with
+            oneDNN on CPU); the model is returned in the default format.
         device: where to train (default: ``"cuda"`` if available, else ``"cpu"``).
     """
 
@@ -111,6 +113,7 @@ class TrainConfig:
     max_steps: int | None = None
     eval_batch_size: int = 512
     num_threads: int | None = None
+    channels_last: bool = False
     device: str = field(default_factory=default_device)
 
     def __post_init__(self) -> None:
@@ -362,6 +365,8 @@ def train(model: nn.Module, *, train_x: torch.Tensor, train_y: torch.Tensor, val
                     ).run(resume)
     finally:
         torch.set_num_threads(prev_threads)
+        if cfg.channels_last:
+            model.to(memory_format=torch.contiguous_format)  # type: ignore[call-arg]
 
 
 class _Run:
@@ -371,6 +376,8 @@ class _Run:
                  train_y: torch.Tensor, val_x: torch.Tensor | None, val_y: torch.Tensor | None,
                  augment: Augment | None, loss_fn: LossFn, steps_per_epoch: int) -> None:
         self.model, self.cfg, self.device = model.to(device), cfg, device
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
         self.x, self.y, self.val_x, self.val_y = train_x, train_y, val_x, val_y
         self.augment, self.loss_fn, self.spe = augment, loss_fn, steps_per_epoch
         self.optimizer = _make_optimizer(model, cfg)
@@ -495,6 +502,8 @@ class _Run:
         yb = self.y[idx.to(self.y.device)].to(self.device, non_blocking=True)
         if self.augment is not None:
             xb = self.augment(xb, generator=self.aug_gen)
+        if self.cfg.channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
         out = self.model(xb)
         parts = self.loss_fn(out, yb)
         if isinstance(parts, torch.Tensor):

@@ -357,13 +357,14 @@ class MultiExitNetwork(nn.Module):
                 ledger.charge(profile.policy[k], active, part=f"policy{k}")
             score, state = rule.score(logits, state, policy_logit=pl)
             stop = score >= thr_list[k]
-            n_stop = int(stop.sum())
+            n_stop = int(stop.sum())  # the one host sync per exit
             if n_stop == 0:
                 continue
+            if n_stop == stop.numel():  # everyone still running leaves (always the case at batch 1): no gather
+                self._scatter(logits_out, exit_index, active, None, logits, k)
+                break
             stop_idx = stop.nonzero().squeeze(1)
             self._scatter(logits_out, exit_index, active, stop_idx, logits, k)
-            if n_stop == stop.numel():
-                break
             keep = (~stop).nonzero().squeeze(1)
             # Compaction: the samples that left are dropped from the state; later stages never see them.
             h = tree_index_select(h, keep)
