@@ -147,13 +147,15 @@ def run_early_exit_experiment(recipe: Recipe, *, out_dir: str | Path, data_dir: 
 def format_table(metrics: dict[str, Any]) -> str:
     """The human-readable summary of an experiment's metrics."""
     bss = sorted({r["batch_size"] for r in metrics["rows"]})
-    head = ["budget", "accuracy", "Δacc pp", "MFLOPs", "theory x"] + [f"real x b{b}" for b in bss] + ["exits %"]
+    head = (["budget", "accuracy", "Δacc pp", "MFLOPs", "theory x"] + [f"lat-model b{b}" for b in bss]
+            + [f"real x b{b}" for b in bss] + ["exits %"])
     lines = [" | ".join(f"{h:>10}" for h in head)]
     for budget in sorted({r["budget"] for r in metrics["rows"]}):
         rs = {r["batch_size"]: r for r in metrics["rows"] if r["budget"] == budget}
         r0 = rs[bss[0]]
         cells = [f"{budget:g}", f"{100 * r0['accuracy']:.2f}", f"{r0['accuracy_loss_pp']:+.2f}",
                  f"{r0['mean_flops'] / 1e6:.3f}", f"{r0['theoretical_speedup']:.2f}"]
+        cells += [f"{rs[b]['latency_model_speedup']:.2f}" for b in bss]
         cells += [f"{rs[b]['realized_speedup']:.2f}" for b in bss]
         cells += ["/".join(f"{100 * f:.0f}" for f in r0["exit_fractions"])]
         lines.append(" | ".join(f"{c:>10}" for c in cells))
