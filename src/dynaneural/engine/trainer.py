@@ -415,8 +415,10 @@ class _Run:
         if not isinstance(saved, dict):
             raise CheckpointError(f"checkpoint {self.ckpt}: its training state records no TrainConfig")
         current = self.cfg.to_dict()
-        diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in current.items()
-                 if k not in _RESUMABLE_CHANGES and saved.get(k) != v]
+        # A field added to TrainConfig after the checkpoint was written counts as its default value there.
+        defaults = TrainConfig.from_dict({}).to_dict()
+        diffs = [f"{k}: {saved.get(k, defaults[k])!r} in the checkpoint, {v!r} now" for k, v in current.items()
+                 if k not in _RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v]
         if diffs:
             raise ValueError(f"cannot resume from {self.ckpt}: it was written by a run with another config ("
                              + "; ".join(diffs) + "); pass resume=False or use another checkpoint_dir")
