@@ -24,6 +24,7 @@ from dynaneural.bench.plots import plot_accuracy_vs_compute, plot_exit_histogram
 from dynaneural.calibration import calibrate_exits
 from dynaneural.data import DatasetSplits, augment_cifar, load_dataset
 from dynaneural.engine import TrainConfig, save_model, train
+from dynaneural.layers import fold_batch_norms
 from dynaneural.recipes import Recipe
 from dynaneural.registry import create_model
 from dynaneural.sample_wise.early_exit.multi_exit import MultiExitNetwork
@@ -89,14 +90,17 @@ def run_early_exit_experiment(recipe: Recipe, *, out_dir: str | Path, data_dir: 
         full_logits = torch.cat(run_in_batches(model.to_static(), data.test_x, 512))
         full_acc = float((full_logits.argmax(-1) == data.test_y).float().mean())
     cal, bench = recipe.calibration, recipe.bench
-    rows = benchmark_early_exit(model, val_x=data.val_x, val_y=data.val_y, test_x=data.test_x, test_y=data.test_y,
+    # Inference as it would be deployed: batch norms folded into the convolutions, on both sides of every
+    # comparison (the static twins below come from the folded copy too).
+    infer = fold_batch_norms(model)
+    rows = benchmark_early_exit(infer, val_x=data.val_x, val_y=data.val_y, test_x=data.test_x, test_y=data.test_y,
                                 budgets=cal.budgets, batch_sizes=bench.batch_sizes, unit=cal.unit,
                                 method=cal.method, rule=cal.rule, repeats=bench.repeats,
                                 timed_samples=bench.timed_samples, timed_samples_batch1=bench.timed_samples_batch1)
     row_dicts = [r.to_dict() for r in rows]
     for r in row_dicts:
         r["accuracy_loss_pp"] = 100 * (full_acc - r["accuracy"])
-    overhead = [overhead_with_exits_disabled(model, data.test_x, batch_size=b, repeats=bench.repeats,
+    overhead = [overhead_with_exits_disabled(infer, data.test_x, batch_size=b, repeats=bench.repeats,
                                              timed_samples=bench.timed_samples if b > 1 else bench.timed_samples_batch1)
                 for b in bench.batch_sizes]
     static_rows: list[dict[str, Any]] = []
@@ -108,12 +112,13 @@ def run_early_exit_experiment(recipe: Recipe, *, out_dir: str | Path, data_dir: 
             name = "static-" + "-".join(f"{k}{v}" for k, v in overrides.items()) if overrides else f"static-{i}"
             m = train_recipe_model(recipe, data, out_dir=out, tag=name, progress=progress,
                                    model_overrides={**overrides, "exits": "last"})
+            m = fold_batch_norms(m)
             members[name] = m.to_static()
             flops[name] = m.cost_profile().static_total
-        members["full-depth (the dynamic network's static twin)"] = model.to_static()
-        flops["full-depth (the dynamic network's static twin)"] = profile.static_total
+        members["full-depth (the dynamic network's static twin)"] = infer.to_static()
+        flops["full-depth (the dynamic network's static twin)"] = infer.cost_profile().static_total
         for b in bench.batch_sizes:
-            srows = benchmark_static(members, model.to_static(), test_x=data.test_x, test_y=data.test_y, flops=flops,
+            srows = benchmark_static(members, infer.to_static(), test_x=data.test_x, test_y=data.test_y, flops=flops,
                                      batch_size=b, repeats=bench.repeats,
                                      timed_samples=bench.timed_samples if b > 1 else bench.timed_samples_batch1)
             static_rows += [s.to_dict() for s in srows]
@@ -129,8 +134,9 @@ def run_early_exit_experiment(recipe: Recipe, *, out_dir: str | Path, data_dir: 
     metrics = {
         "library_version": __version__, "recipe": recipe.name, "model": recipe.model, "dataset": recipe.dataset,
         "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-        "full_depth_flops": profile.static_total, "full_depth_accuracy": full_acc,
-        "stage_flops": list(profile.stage), "exit_head_flops": list(profile.head),
+        "full_depth_flops": infer.cost_profile().static_total, "full_depth_accuracy": full_acc,
+        "batch_norm_folded": True,
+        "stage_flops": list(infer.cost_profile().stage), "exit_head_flops": list(infer.cost_profile().head),
         "rows": row_dicts, "overhead_exits_disabled": overhead, "static_family": static_rows, "dominance": dom,
         "checkpoint": str(ckpt), "seconds": time.perf_counter() - t_start,
     }

@@ -40,4 +40,13 @@ class PooledLinearHead(nn.Module):
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         if isinstance(x, (list, tuple)):
             x = x[-1]
-        return self.fc(self.pool(x).flatten(1))
+        b, c, h, w = x.shape
+        p = self.pool.output_size
+        p = p if isinstance(p, int) else p[0]
+        if h % p == 0 and w % p == 0:
+            # Same windows as adaptive pooling when they tile the map, but a reshape-mean is several times faster
+            # than the generic adaptive kernel on CPU (it showed up as 12 % of an early-exit forward).
+            pooled = x.reshape(b, c, p, h // p, p, w // p).mean((3, 5))
+        else:
+            pooled = self.pool(x)
+        return self.fc(pooled.flatten(1))
