@@ -1,4 +1,5 @@
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,16 @@ if "DYNANEURAL_DATA" not in os.environ and _SHARED.is_dir():
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed_and_one_thread() -> Iterator[None]:
+    """Seed every test, and run the tiny test models on one intra-op thread.
+
+    Their ops take microseconds, so a parallel region only adds a barrier; on shared cores that barrier waits for a
+    descheduled second thread, and a 4 ms forward/backward took 1 s (measured on the 2-core CI machine).
+    """
     torch.manual_seed(0)
-    yield
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
