@@ -7,7 +7,11 @@ import torch
 
 import dynaneural as dn
 from dynaneural.calibration import (
-    assign_exits, calibrate_exits, collect_exit_statistics, cost_model, measure_latency_profile,
+    assign_exits,
+    calibrate_exits,
+    collect_exit_statistics,
+    cost_model,
+    measure_latency_profile,
 )
 from dynaneural.engine import load_model, save_model
 
