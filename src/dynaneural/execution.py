@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["Mode", "tree_index_select", "tree_batch_size", "tree_map"]
+__all__ = ["Mode", "tree_index_select", "tree_map"]
 
 
 class Mode(str, Enum):
@@ -55,16 +55,3 @@ def tree_map(fn: Any, tree: T) -> T:
 def tree_index_select(tree: T, index: torch.Tensor) -> T:
     """Keep the rows ``index`` (dim 0) of every tensor in a nested state: the compaction step."""
     return tree_map(lambda t: t.index_select(0, index), tree)
-
-
-def tree_batch_size(tree: Any) -> int:
-    """Leading dimension of the first tensor of a nested state."""
-    if isinstance(tree, torch.Tensor):
-        return tree.shape[0]
-    items = tree.values() if isinstance(tree, dict) else tree
-    for t in items:
-        try:
-            return tree_batch_size(t)
-        except TypeError:
-            continue
-    raise TypeError("state holds no tensor")

@@ -289,8 +289,6 @@ def measure_latency_profile(model: MultiExitNetwork, x: torch.Tensor, *, batch_s
     Each piece is timed on its real input (a batch of ``x``), median of ``repeats`` runs after ``warmup``.
     """
     check_batch(x, input_shape=model.input_shape)
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     reps = max(1, -(-batch_size // x.shape[0]))
     xb = x.repeat(reps, *([1] * (x.dim() - 1)))[:batch_size].to(device)
@@ -309,20 +307,4 @@ def measure_latency_profile(model: MultiExitNetwork, x: torch.Tensor, *, batch_s
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts) * 1e3 / batch_size
 
-    stage_ms, head_ms, policy_ms = [], [], []
-    h: Any = xb
-    try:
-        for s, stage in enumerate(model.stages):
-            stage_ms.append(timed(stage, h))
-            h = stage(h)
-            if s in model.exit_stage:
-                k = model.exit_stage.index(s)
-                head_ms.append(timed(model.heads[k], h))
-                logits = model.heads[k](h)
-                if model.policy_heads is not None and k < model.num_exits - 1:
-                    policy_ms.append(timed(model.policy_heads[k], logits))
-                else:
-                    policy_ms.append(0.0)
-    finally:
-        model.train(was_training)
-    return ExitCostProfile(tuple(stage_ms), tuple(head_ms), tuple(policy_ms), model.exit_stage)
+    return model.measure_pieces(xb, timed)

@@ -21,7 +21,7 @@ network is its static twin (:meth:`MultiExitNetwork.to_static`).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,29 +170,34 @@ class MultiExitNetwork(nn.Module):
         """The static twin (shares this network's modules)."""
         return StaticChain(self.stages, self.heads[-1])
 
+    def measure_pieces(self, x: Any, measure: Callable[[nn.Module, Any], float]) -> ExitCostProfile:
+        """Walk the network once in eval mode on ``x`` and apply ``measure(module, its_input)`` to every stage,
+        exit classifier and policy head: the one walk behind both the FLOPs profile and the latency profile."""
+        was_training = self.training
+        self.eval()  # never let a measuring pass touch batch-norm statistics
+        stage_c, head_c, policy_c = [], [], []
+        try:
+            with torch.no_grad():
+                h: Any = x
+                for s, stage in enumerate(self.stages):
+                    stage_c.append(measure(stage, h))
+                    h = stage(h)
+                    if s in self.exit_stage:
+                        k = self.exit_stage.index(s)
+                        head_c.append(measure(self.heads[k], h))
+                        pol = self.policy_heads[k] if self.policy_heads is not None and k < self.num_exits - 1 else None
+                        policy_c.append(measure(pol, self.heads[k](h)) if pol is not None else 0.0)
+        finally:
+            self.train(was_training)
+        return ExitCostProfile(tuple(stage_c), tuple(head_c), tuple(policy_c), self.exit_stage)
+
     def cost_profile(self, input_shape: Sequence[int] | None = None) -> ExitCostProfile:
         """Static FLOPs of each stage and head for one input shape (counted once, then cached)."""
         shape = tuple(input_shape or self.input_shape)
         if shape not in self._profiles:
-            was_training = self.training
-            self.eval()  # never let the counting pass touch batch-norm statistics
-            try:
-                p = next(self.parameters())
-                h: Any = torch.zeros((1, *shape), dtype=p.dtype, device=p.device)
-                stage_f, head_f, policy_f = [], [], []
-                with torch.no_grad():
-                    for s, stage in enumerate(self.stages):
-                        stage_f.append(static_flops(stage, h))
-                        h = stage(h)
-                        if s in self.exit_stage:
-                            k = self.exit_stage.index(s)
-                            head_f.append(static_flops(self.heads[k], h))
-                            logits = self.heads[k](h)
-                            pol = self.policy_heads[k] if self.policy_heads is not None and k < self.num_exits - 1 else None
-                            policy_f.append(static_flops(pol, logits) if pol is not None else 0.0)
-            finally:
-                self.train(was_training)
-            self._profiles[shape] = ExitCostProfile(tuple(stage_f), tuple(head_f), tuple(policy_f), self.exit_stage)
+            p = next(self.parameters())
+            self._profiles[shape] = self.measure_pieces(torch.zeros((1, *shape), dtype=p.dtype, device=p.device),
+                                                        static_flops)
         return self._profiles[shape]
 
     # --------------------------------------------------------------------------------------------- forward
