@@ -4,7 +4,7 @@ One model definition runs in three modes (train, simulate, execute), keeps a per
 calibrated to a compute budget. See README.md.
 """
 
-from dynaneural import sample_wise  # noqa: F401  (imports every method module: registration cannot be forgotten)
+from dynaneural import sample_wise, spatial_wise, temporal_wise  # noqa: F401  (every method module registers)
 from dynaneural.execution import Mode
 from dynaneural.outputs import DynamicOutput, EarlyExitOutput
 from dynaneural.registry import create_model, list_models, register_model

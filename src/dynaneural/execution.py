@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["Mode", "tree_index_select", "tree_map"]
+__all__ = ["Mode", "group_rows", "rows_where", "run_rows", "tree_index_select", "tree_map"]
 
 
 class Mode(str, Enum):
@@ -55,3 +55,42 @@ def tree_map(fn: Any, tree: T) -> T:
 def tree_index_select(tree: T, index: torch.Tensor) -> T:
     """Keep the rows ``index`` (dim 0) of every tensor in a nested state: the compaction step."""
     return tree_map(lambda t: t.index_select(0, index), tree)
+
+
+def rows_where(active: torch.Tensor) -> torch.Tensor:
+    """(n,) int64 indices of the True rows of a (B,) bool mask — the sub-batch to gather."""
+    if active.dtype != torch.bool or active.dim() != 1:
+        raise ValueError(f"active must be a (B,) bool mask, got {tuple(active.shape)} {active.dtype}")
+    return active.nonzero().squeeze(1)
+
+
+def run_rows(fn: Any, x: torch.Tensor, index: torch.Tensor, *, into: torch.Tensor | None = None) -> torch.Tensor:
+    """Run ``fn`` on the rows ``index`` of ``x`` only, and scatter the results into ``into`` (default: a copy of x).
+
+    This is the compaction step of execute mode: the rows not in ``index`` are never computed and keep their
+    value in ``into`` (the identity, for a skipped residual block). ``fn`` must map (n, ...) to (n, ...) of the
+    same trailing shape as ``into``. With every row selected it runs ``fn`` on ``x`` directly (no copy).
+    """
+    n = index.numel()
+    if n == x.shape[0] and into is None:
+        return fn(x)
+    base = x if into is None else into
+    if n == 0:
+        return base
+    y = fn(x.index_select(0, index))
+    return base.index_copy(0, index, y.to(base.dtype))
+
+
+def group_rows(keys: torch.Tensor, num_groups: int) -> list[torch.Tensor]:
+    """Indices of the rows of each key 0..num_groups-1 (stable order): run each group as one sub-batch.
+
+    One sort and one ``bincount`` instead of a mask per group, so it stays cheap with many groups (experts,
+    width levels, halting steps).
+    """
+    if keys.dim() != 1:
+        raise ValueError(f"keys must be 1-D, got shape {tuple(keys.shape)}")
+    order = torch.argsort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=num_groups).tolist()
+    if len(counts) > num_groups:
+        raise ValueError(f"keys must lie in [0, {num_groups}), got max {int(keys.max())}")
+    return list(torch.split(order, counts))

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_batch", "check_budget"]
+__all__ = ["check_batch", "check_budget", "check_token_batch"]
 
 
 def check_batch(x: object, *, input_shape: Sequence[int] | None, check_finite: bool = True,
@@ -43,3 +43,24 @@ def check_budget(value: float, *, low: float, high: float, unit: str) -> float:
         raise ValueError(f"budget {value:g} {unit} is out of range: this model can spend between {low:g} and "
                          f"{high:g} {unit} per sample")
     return float(value)
+
+
+def check_token_batch(x: object, *, vocab_size: int, name: str = "tokens") -> torch.Tensor:
+    """Validate a batch of token ids (B, T) for a sequence model.
+
+    Raises:
+        TypeError: not an integer tensor.
+        ValueError: not 2-D, empty, or ids outside [0, vocab_size).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{name} must hold integer token ids, got dtype {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape (batch, length), got {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one token of one sample")
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name} ids must lie in [0, {vocab_size}), got range [{lo}, {hi}]")
+    return x

@@ -9,6 +9,7 @@ from dynaneural.calibration.exits import (
     cost_model,
     measure_latency_profile,
 )
+from dynaneural.calibration.thresholds import KnobCalibration, calibrate_knob
 
-__all__ = ["CalibrationResult", "ExitStatistics", "assign_exits", "calibrate_exits", "collect_exit_statistics",
+__all__ = ["CalibrationResult", "KnobCalibration", "calibrate_knob", "ExitStatistics", "assign_exits", "calibrate_exits", "collect_exit_statistics",
            "cost_model", "measure_latency_profile"]

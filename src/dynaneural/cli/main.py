@@ -201,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(ee)
     ee.set_defaults(fn=cmd_bench_early_exit)
 
+    # Each family's bench command lives in its own module ``dynaneural/cli/bench_<family>.py`` exposing
+    # ``register(subparsers, common=..., data_opts=...)``; they are found here so none can be forgotten.
+    import importlib
+    import pkgutil
+
+    import dynaneural.cli as cli_pkg
+
+    for info in sorted(pkgutil.iter_modules(cli_pkg.__path__), key=lambda i: i.name):
+        if info.name.startswith("bench_"):
+            importlib.import_module(f"dynaneural.cli.{info.name}").register(bsub, common=common, data_opts=data_opts)
+
     m = sub.add_parser("models", help="list registered models")
     m.add_argument("pattern", nargs="?", default="*")
     m.set_defaults(fn=cmd_models)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dynaneural.contract import set_train_progress
 from dynaneural.engine.checkpoint import (
     CheckpointError,
     TrainingState,
@@ -380,6 +381,7 @@ class _Run:
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
         self.x, self.y, self.val_x, self.val_y = train_x, train_y, val_x, val_y
         self.augment, self.loss_fn, self.spe = augment, loss_fn, steps_per_epoch
+        self.total_steps = cfg.epochs * steps_per_epoch
         self.optimizer = _make_optimizer(model, cfg)
         warmup = round(cfg.warmup_epochs * steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -506,6 +508,7 @@ class _Run:
             xb = self.augment(xb, generator=self.aug_gen)
         if self.cfg.channels_last and xb.dim() == 4:
             xb = xb.contiguous(memory_format=torch.channels_last)
+        set_train_progress(self.model, self.step / max(self.total_steps, 1))
         out = self.model(xb)
         parts = self.loss_fn(out, yb)
         if isinstance(parts, torch.Tensor):

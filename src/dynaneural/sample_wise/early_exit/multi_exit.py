@@ -20,8 +20,9 @@ network is its static twin (:meth:`MultiExitNetwork.to_static`).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from torch import nn
 
 from dynaneural.compute.flops import static_flops
 from dynaneural.compute.ledger import CostLedger
+from dynaneural.contract import DynamicModel
 from dynaneural.execution import Mode, tree_index_select
 from dynaneural.outputs import EarlyExitOutput
 from dynaneural.policies.exit_rules import ExitPolicyHead, ExitRule, create_exit_rule
@@ -100,7 +102,7 @@ class StaticChain(nn.Module):
         return self.head(h)
 
 
-class MultiExitNetwork(nn.Module):
+class MultiExitNetwork(DynamicModel):
     """A network of stages with exit classifiers after some of them.
 
     Args:
@@ -165,6 +167,16 @@ class MultiExitNetwork(nn.Module):
     def disable_exits(self) -> None:
         """Run every sample to the final classifier (the static twin's behaviour)."""
         self.configure_exits(rule=self.exit_rule, thresholds=[float("inf")] * self.num_exits)
+
+    @contextlib.contextmanager
+    def all_on(self) -> Iterator[None]:
+        """Every intermediate exit disabled inside the context (the static twin's behaviour); restored after."""
+        saved = (self.exit_rule, self.exit_thresholds.clone())
+        self.disable_exits()
+        try:
+            yield
+        finally:
+            self.configure_exits(rule=saved[0], thresholds=saved[1])
 
     def to_static(self) -> StaticChain:
         """The static twin (shares this network's modules)."""

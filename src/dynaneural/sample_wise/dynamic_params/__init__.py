@@ -1,0 +1,1 @@
+"""dynamic params methods."""

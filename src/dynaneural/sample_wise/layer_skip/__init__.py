@@ -1,0 +1,1 @@
+"""layer skip methods."""
