@@ -83,7 +83,10 @@ class BenchSpec:
 
 @dataclass
 class Recipe:
-    """A full early-exit experiment."""
+    """A full experiment: model, data, training, calibration and benchmark settings.
+
+    ``options`` holds method-specific settings that the family's bench command reads (validated there).
+    """
 
     name: str
     model: str
@@ -94,6 +97,7 @@ class Recipe:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     bench: BenchSpec = field(default_factory=BenchSpec)
     quick: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         model_entrypoint(self.model)  # raises with close names if unknown
@@ -102,8 +106,9 @@ class Recipe:
         bad = set(self.data) - {"seed", "val_size", "train_limit"}
         if bad:
             raise ValueError(f"data: unknown key(s) {sorted(bad)}; expected seed, val_size, train_limit")
-        if set(self.quick) - {"train", "data", "calibration", "bench"}:
-            raise ValueError(f"quick: only train, data, calibration and bench can be overridden, got {list(self.quick)}")
+        if set(self.quick) - {"train", "data", "calibration", "bench", "options"}:
+            raise ValueError("quick: only train, data, calibration, bench and options can be overridden, got "
+                             f"{list(self.quick)}")
         from dynaneural.engine import TrainConfig  # local: engine imports models, recipes are imported by the CLI
 
         TrainConfig.from_dict(self.train)  # validate now, not after an hour of data loading
@@ -121,7 +126,8 @@ class Recipe:
                "model_kwargs": dict(self.model_kwargs), "data": {**self.data, **self.quick.get("data", {})},
                "train": {**self.train, **self.quick.get("train", {})},
                "calibration": {**vars(self.calibration), **self.quick.get("calibration", {})},
-               "bench": {**vars(self.bench), **self.quick.get("bench", {})}}
+               "bench": {**vars(self.bench), **self.quick.get("bench", {})},
+               "options": {**self.options, **self.quick.get("options", {})}}
         return Recipe.from_dict(raw, where=f"{self.name} (quick)")
 
 
