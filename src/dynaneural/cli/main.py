@@ -208,9 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     import dynaneural.cli as cli_pkg
 
+    # Other top-level commands (e.g. ``visualize``) likewise live in ``dynaneural/cli/cmd_<name>.py``.
     for info in sorted(pkgutil.iter_modules(cli_pkg.__path__), key=lambda i: i.name):
         if info.name.startswith("bench_"):
             importlib.import_module(f"dynaneural.cli.{info.name}").register(bsub, common=common, data_opts=data_opts)
+        elif info.name.startswith("cmd_"):
+            importlib.import_module(f"dynaneural.cli.{info.name}").register(sub, common=common, data_opts=data_opts)
 
     m = sub.add_parser("models", help="list registered models")
     m.add_argument("pattern", nargs="?", default="*")
