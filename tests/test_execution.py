@@ -1,0 +1,44 @@
+"""The compaction helpers of execute mode."""
+
+import pytest
+import torch
+
+from dynaneural.execution import group_rows, rows_where, run_rows
+
+
+def test_run_rows_computes_only_the_selected_rows():
+    seen = []
+
+    def fn(t):
+        seen.append(t.shape[0])
+        return t * 10
+
+    x = torch.arange(5.0).unsqueeze(1)
+    idx = rows_where(torch.tensor([True, False, True, False, False]))
+    out = run_rows(fn, x, idx)
+    assert seen == [2]
+    assert out.squeeze(1).tolist() == [0.0, 1.0, 20.0, 3.0, 4.0]
+    assert x.squeeze(1).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0], "the input is not modified"
+
+
+def test_run_rows_edge_cases():
+    x = torch.ones(3, 2)
+    calls = []
+    assert run_rows(lambda t: calls.append(1) or t, x, torch.empty(0, dtype=torch.long)) is x and not calls
+    torch.testing.assert_close(run_rows(lambda t: t + 1, x, torch.arange(3)), x + 1)
+    into = torch.zeros(3, 4)
+    out = run_rows(lambda t: torch.ones(t.shape[0], 4), x, torch.tensor([1]), into=into)
+    assert out.sum() == 4 and out[1].sum() == 4
+
+
+def test_rows_where_validates():
+    with pytest.raises(ValueError):
+        rows_where(torch.tensor([1, 0]))
+
+
+def test_group_rows_partitions_in_stable_order():
+    keys = torch.tensor([2, 0, 2, 1, 0, 2])
+    groups = group_rows(keys, 4)
+    assert [g.tolist() for g in groups] == [[1, 4], [3], [0, 2, 5], []]
+    with pytest.raises(ValueError):
+        group_rows(keys, 2)
