@@ -13,6 +13,7 @@ import torch
 
 from dynaneural.data.checksums import DataIntegrityError, missing_file_error, verify_file
 from dynaneural.data.formats import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_cifar10_archive, read_idx
+from dynaneural.data.fsdd import load_fsdd
 from dynaneural.data.sources import FILES, resolve_cache_dir, resolve_data_dir
 from dynaneural.data.splits import DatasetSplits, stratified_split
 
@@ -201,11 +202,20 @@ def load_cifar10(
                         classes=CIFAR10_CLASSES, seed=seed, val_size=val_size, train_limit=train_limit)
 
 
+def _load_parity(**kwargs: object) -> DatasetSplits:
+    # Generated in memory (ACT's parity task); imported lazily, the generator lives with the halting methods.
+    from dynaneural.sample_wise.halting.parity import load_parity
+
+    return load_parity(**kwargs)  # type: ignore[arg-type]
+
+
 _LOADERS: dict[str, Callable[..., DatasetSplits]] = {
+    "parity": _load_parity,
     "digits": load_digits,
     "mnist": load_mnist,
     "fashion-mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
+    "fsdd": load_fsdd,
 }
 
 

@@ -1,0 +1,151 @@
+"""``dynaneural bench dynparams``: dynamic parameters and dynamic connections against the static CNN.
+
+Trains the static CNN of the backbone architecture and, with the same recipe, CondConv, dynamic convolution,
+the hypernetwork and squeeze-excitation variants of it, plus the gated dense block (calibrated to each budget).
+Each row holds test accuracy (execute mode), mean FLOPs from the ledger, the static network's FLOPs and accuracy,
+theoretical speed-up (static / dynamic FLOPs: below 1 for dynamic parameters, which add a little compute) and
+the realized speed-up (static CNN, BN folded, against the model in execute mode, interleaved in one run), plus
+``simulate_execute_max_abs_diff`` (kernel mixing + one grouped conv against every kernel's conv + mixing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+
+__all__ = ["register", "run_dynparams_bench"]
+
+_METHODS = {"condconv": "condconv", "dynamic_conv": "dynamic_conv", "hypernetwork": "hypernetwork",
+            "squeeze_excite": "se_convnet"}
+
+
+def run_dynparams_bench(recipe: Any, *, data_dir: str | None = None, log: Any = print) -> dict[str, Any]:
+    """Train and time the recipe's methods; returns ``{rows, meta}``."""
+    from dynaneural.bench.rows import SpeedupRow, time_against_static
+    from dynaneural.compute.flops import static_flops
+    from dynaneural.data import load_dataset
+    from dynaneural.engine import TrainConfig, evaluate, train
+    from dynaneural.layers import fold_batch_norms
+    from dynaneural.registry import create_model
+    from dynaneural.sample_wise.dynamic_params.backbone import ConvNetConfig, build_static_convnet
+    from dynaneural.sample_wise.dynamic_params.gated_dense import calibrate_connections
+
+    opts = recipe.options
+    suffix = opts.get("suffix", "mnist")
+    data = load_dataset(recipe.dataset, data_dir=data_dir, **recipe.data)
+    bench = recipe.bench
+    x_time = data.test_x[: bench.timed_samples]
+    cfg = TrainConfig.from_dict({**recipe.train, "progress": False})
+    meta: dict[str, Any] = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0])}
+    rows: list[SpeedupRow] = []
+
+    def fit(model: torch.nn.Module, name: str) -> float:
+        torch.manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        train(model, train_x=data.train_x, train_y=data.train_y, val_x=data.val_x, val_y=data.val_y, config=cfg)
+        model.eval()
+        secs = time.perf_counter() - t0
+        meta[f"{name}_train_seconds"] = secs
+        return secs
+
+    arch = ConvNetConfig(**opts.get("backbone", {}))
+    torch.manual_seed(cfg.seed)
+    static = build_static_convnet(arch)
+    fit(static, "static")
+    static_acc = evaluate(static, data.test_x, data.test_y).accuracy
+    s_flops = static_flops(static, data.test_x[:1])
+    static_fn = fold_batch_norms(static).eval()
+    meta["static_accuracy"], meta["static_flops"] = static_acc, s_flops
+    log(f"static CNN: accuracy {static_acc:.4f}, {s_flops / 1e6:.2f} MFLOPs")
+
+    def timed(method: str, model: Any, *, acc: float, mean_flops: float, ref_fn: Any, ref_flops: float,
+              ref_acc: float, budget: float, extra: dict[str, Any]) -> None:
+        for bs in bench.batch_sizes:
+            xs = x_time if bs > 1 else x_time[: bench.timed_samples_batch1]
+            t = time_against_static(ref_fn, lambda xb: model(xb, mode="execute"), xs, batch_size=bs,
+                                    repeats=bench.repeats)
+            theo = ref_flops / mean_flops
+            rows.append(SpeedupRow(method=method, batch_size=bs, accuracy=acc, mean_flops=mean_flops,
+                                   static_flops=ref_flops, theoretical_speedup=theo,
+                                   realized_over_theoretical=t["realized_speedup"] / theo, budget=budget,
+                                   achieved_budget=mean_flops / ref_flops, static_accuracy=ref_acc, extra=extra, **t))
+            log(f"  {method} batch={bs}: acc={acc:.4f} (static {ref_acc:.4f}) flops x{mean_flops / ref_flops:.3f} "
+                f"realized {t['realized_speedup']:.2f}x")
+
+    for method in opts.get("methods", list(_METHODS)):
+        model = create_model(f"{_METHODS[method]}_{suffix}")
+        secs = fit(model, method)
+        ev = evaluate(model, data.test_x, data.test_y, mode="execute")
+        with torch.inference_mode():
+            xb = data.test_x[:256]
+            diff = float((model(xb, mode="simulate").logits - model(xb, mode="execute").logits).abs().max())
+        log(f"{method}: accuracy {ev.accuracy:.4f} ({secs:.0f} s)")
+        timed(method, model, acc=ev.accuracy, mean_flops=float(ev.mean_cost), ref_fn=static_fn, ref_flops=s_flops,
+              ref_acc=static_acc, budget=float("nan"),
+              extra={"accuracy_gain_pp": (ev.accuracy - static_acc) * 100,
+                     "flops_increase_pct": (float(ev.mean_cost) / s_flops - 1) * 100,
+                     "params": sum(p.numel() for p in model.parameters()),
+                     "static_params": sum(p.numel() for p in static.parameters()),
+                     "simulate_execute_max_abs_diff": diff, "train_seconds": secs})
+
+    if opts.get("gated_dense", True):
+        dense = create_model(f"gated_dense_{suffix}", budget=opts.get("dense_train_budget", 0.5),
+                             strategy=opts.get("dense_strategy", "pattern"))
+        secs = fit(dense, "gated_dense")
+        twin = dense.to_static().eval()
+        d_flops = static_flops(twin, data.test_x[:1])
+        with dense.all_on():
+            dense_acc = evaluate(dense, data.test_x, data.test_y, mode="execute").accuracy
+        twin_fn = fold_batch_norms(twin).eval()
+        log(f"gated dense: all connections {dense_acc:.4f} ({secs:.0f} s)")
+        for budget in opts.get("dense_budgets", [0.6]):
+            try:
+                cal = calibrate_connections(dense, data.val_x, budget=budget)
+            except ValueError as e:
+                log(f"  gated dense budget {budget}: {e}")
+                continue
+            ev = evaluate(dense, data.test_x, data.test_y, mode="execute")
+            with torch.inference_mode():
+                open_frac = float(dense(data.test_x[:1024], mode="execute").decisions["connections"].float().mean())
+            timed("gated_dense", dense, acc=ev.accuracy, mean_flops=float(ev.mean_cost), ref_fn=twin_fn,
+                  ref_flops=d_flops, ref_acc=dense_acc, budget=budget,
+                  extra={"threshold": cal.knob, "open_connections": open_frac, "strategy": dense.strategy,
+                         "static_reference": "the same dense block with every connection (all_on)",
+                         "train_seconds": secs})
+    return {"rows": rows, "meta": meta}
+
+
+def cmd_bench_dynparams(args: argparse.Namespace) -> int:
+    from dynaneural.bench.rows import format_rows, write_bench_json
+    from dynaneural.cli.main import _maybe_reexec_with_tuned_allocator, _recipe
+
+    _maybe_reexec_with_tuned_allocator(args)
+    args.recipe = args.recipe or f"dynparams_{args.dataset.replace('-', '_')}"
+    recipe = _recipe(args)
+    if recipe.dataset != args.dataset:
+        raise SystemExit(f"recipe {recipe.name} is for dataset {recipe.dataset}, not {args.dataset}")
+    torch.set_num_threads(args.threads)
+    res = run_dynparams_bench(recipe, data_dir=args.data_dir)
+    print(format_rows(res["rows"]))
+    if args.json:
+        path = write_bench_json(args.json, res["rows"], recipe=recipe.name, **res["meta"])
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
+    d = bsub.add_parser("dynparams", help="dynamic parameters (CondConv, DyConv, hypernetwork, SE) and gated "
+                                          "dense connections against the static CNN")
+    d.add_argument("--dataset", default="fashion-mnist", choices=["mnist", "fashion-mnist", "cifar10"])
+    d.add_argument("--recipe", default=None, help="default: dynparams_<dataset>")
+    d.add_argument("--quick", action="store_true", help="the recipe's quick variant")
+    d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--threads", type=int, default=1, help="torch threads (timing is per thread count)")
+    d.add_argument("--json", default=None, help="write the rows here (e.g. benchmarks/dynparams_fashion_mnist.json)")
+    data_opts(d)
+    common(d)
+    d.set_defaults(fn=cmd_bench_dynparams)

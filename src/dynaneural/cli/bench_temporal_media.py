@@ -1,0 +1,286 @@
+"""``dynaneural bench temporal-media --task {video,audio,fusion}``: train, calibrate and time the temporal media models.
+
+* ``video`` — moving-digits clips (``temporal_wise/video/moving_digits.py``): early exit over frames
+  (``frame_exit_moving_digits``) and AdaFrame (``adaframe_moving_digits``, warm-started from the frame-exit model's
+  encoder, memory and classifier), each calibrated to frame budgets on validation clips;
+* ``audio`` — FSDD log-mel spectrograms: early exit over time (``audio_exit_fsdd``);
+* ``fusion`` — FSDD + MNIST pairs with one modality sometimes destroyed: gated audio-visual fusion
+  (``fusion_fsdd_mnist``), its gate calibrated to cost budgets.
+
+Every row holds the shared ``SpeedupRow`` keys (accuracy on the test split in execute mode, mean FLOPs, theoretical
+speed-up = static FLOPs / mean FLOPs, realized speed-up = static-twin time / dynamic time measured interleaved in one
+run) plus method-specific keys (``frames_seen_fraction``, ``mean_exit_step``, modality fractions...). The static
+twin is the same trained weights reading everything with the fastest static kernels (batched encoder over every
+frame, fused ``nn.LSTM``). Pictures of what was read go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
+    p = bsub.add_parser("temporal-media", help="video frame selection / exit, audio exit, gated audio-visual fusion")
+    p.add_argument("--task", required=True, choices=["video", "audio", "fusion"])
+    p.add_argument("--recipe", default=None, help="default: temporal_media_<task>")
+    p.add_argument("--quick", action="store_true", help="the recipe's quick variant (a smoke-sized run)")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--json", default=None, help="write the rows here (default benchmarks/temporal_media_<task>.json)")
+    p.add_argument("--out", default=None, help="run folder for pictures (default runs/bench-<recipe>)")
+    data_opts(p)
+    common(p)
+    p.set_defaults(fn=cmd_bench_temporal_media)
+
+
+def cmd_bench_temporal_media(args: argparse.Namespace) -> int:
+    from dynaneural.cli.main import _maybe_reexec_with_tuned_allocator, _recipe
+
+    _maybe_reexec_with_tuned_allocator(args)
+    args.recipe = args.recipe or f"temporal_media_{args.task}"
+    recipe = _recipe(args)
+    out = Path(args.out or f"runs/bench-{recipe.name}")
+    t0 = time.perf_counter()
+    runner = {"video": _run_video, "audio": _run_audio, "fusion": _run_fusion}[args.task]
+    rows, meta = runner(recipe, data_dir=args.data_dir, out=out, progress=not args.no_progress)
+    from dynaneural.bench.rows import format_rows, write_bench_json
+
+    print(format_rows(rows, ["method", "budget", "batch_size", "accuracy", "static_accuracy", "theoretical_speedup",
+                             "realized_speedup", "realized_over_theoretical", "frames_seen_fraction"]))
+    path = write_bench_json(args.json or f"benchmarks/temporal_media_{args.task}.json", rows, task=args.task,
+                            recipe=recipe.name, seconds=time.perf_counter() - t0, **meta)
+    print(f"wrote {path} and pictures under {out} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _train(model: Any, recipe: Any, x: Any, y: Any, vx: Any, vy: Any, *, loss_fn: Any, progress: bool) -> float:
+    import torch
+
+    from dynaneural.engine import TrainConfig, train
+
+    cfg = TrainConfig.from_dict({**recipe.train, "progress": progress, "device": "cpu"})
+    t = time.perf_counter()
+    train(model, train_x=x, train_y=y, val_x=vx, val_y=vy, config=cfg, loss_fn=loss_fn)
+    model.eval()
+    torch.set_grad_enabled(True)
+    return time.perf_counter() - t
+
+
+def _accuracy(fn: Any, x: Any, y: Any, batch_size: int = 256) -> tuple[float, Any]:
+    import torch
+
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, x.shape[0], batch_size):
+            outs.append(fn(x[i:i + batch_size]))
+    if hasattr(outs[0], "logits"):
+        logits = torch.cat([o.logits for o in outs])
+        merged = {"logits": logits, "cost": torch.cat([o.cost for o in outs]),
+                  "decisions": {k: torch.cat([o.decisions[k] for o in outs]) for k in outs[0].decisions}}
+    else:
+        logits = torch.cat(outs)
+        merged = {"logits": logits}
+    return float((logits.argmax(-1) == y).float().mean()), merged
+
+
+def _row(method: str, model: Any, static: Any, x: Any, y: Any, *, static_acc: float, budget: float,
+         batch_sizes: list[int], bench: Any, extra_fn: Any, calib: Any = None) -> list[Any]:
+    import torch
+
+    from dynaneural.bench.rows import SpeedupRow, time_against_static
+
+    acc, res = _accuracy(lambda xb: model(xb, mode="execute"), x, y)
+    mean_flops = float(res["cost"].mean())
+    static_flops = float(model.static_cost)
+    extra = extra_fn(res)
+    rows = []
+    for bs in batch_sizes:
+        n = min(x.shape[0], bench.timed_samples if bs > 1 else bench.timed_samples_batch1)
+        with torch.inference_mode():
+            t = time_against_static(static, lambda xb: model(xb, mode="execute"), x[:n], batch_size=bs,
+                                    repeats=bench.repeats)
+        theo = static_flops / mean_flops
+        rows.append(SpeedupRow(method=method, batch_size=bs, accuracy=acc, mean_flops=mean_flops,
+                               static_flops=static_flops, theoretical_speedup=theo,
+                               realized_speedup=t["realized_speedup"],
+                               realized_over_theoretical=t["realized_speedup"] / theo,
+                               static_ms_per_sample=t["static_ms_per_sample"],
+                               dynamic_ms_per_sample=t["dynamic_ms_per_sample"], timed_samples=t["timed_samples"],
+                               budget=budget, unit="fraction", achieved_budget=mean_flops / static_flops,
+                               budget_error=mean_flops / static_flops - budget if not math.isnan(budget) else math.nan,
+                               static_accuracy=static_acc, extra=dict(extra)))
+    return rows
+
+
+def _static_acc(model: Any, x: Any, y: Any) -> tuple[float, Any]:
+    static = model.to_static().eval()
+    acc, _ = _accuracy(static, x, y)
+    return acc, static
+
+
+# --------------------------------------------------------------------------------------------------- video
+def _run_video(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tuple[list[Any], dict[str, Any]]:
+    import torch
+
+    import dynaneural as dn
+    from dynaneural.temporal_wise.video.moving_digits import MovingDigitsConfig, load_moving_digits
+    from dynaneural.temporal_wise.video.visualize import plot_clip_selection, plot_timelines
+
+    opt = recipe.options
+    torch.manual_seed(int(recipe.train.get("seed", 0)))
+    cfg = MovingDigitsConfig(**opt.get("clips", {}))
+    data = load_moving_digits(data_dir=data_dir, seed=int(recipe.data.get("seed", 0)), n_train=int(opt["n_train"]),
+                              n_val=int(opt["n_val"]), n_test=int(opt["n_test"]), config=cfg)
+    tr, va, te = data.train, data.val, data.test
+    kw = {"frames": cfg.frames, "size": cfg.size}
+    rows: list[Any] = []
+    meta: dict[str, Any] = {"clips": data.as_dict()}
+
+    # 1. Early exit over frames (also the warm start of AdaFrame).
+    fe = dn.create_model(opt.get("frame_exit_model", "frame_exit_moving_digits"), **kw)
+    meta["frame_exit_train_s"] = _train(fe, recipe, tr.x, tr.y, va.x, va.y, loss_fn=fe.training_loss,
+                                        progress=progress)
+    static_acc, static = _static_acc(fe, te.x, te.y)
+    meta["static_accuracy_all_frames"] = static_acc
+    for budget in recipe.calibration.budgets:
+        try:
+            fe.calibrate(va.x, budget=float(budget))
+        except ValueError as e:
+            print(f"frame_exit: budget {budget} not reachable: {e}")
+            continue
+        rows += _row("frame_exit", fe, static, te.x, te.y, static_acc=static_acc, budget=float(budget),
+                     batch_sizes=recipe.bench.batch_sizes, bench=recipe.bench, extra_fn=_frames_extra(te))
+    res = _accuracy(lambda xb: fe(xb, mode="execute"), te.x[:24], te.y[:24])[1]
+    plot_timelines(res["decisions"]["frames"], out / "frame_exit_timelines.png", key=te.key_frames[:24],
+                   labels=te.y[:24], preds=res["logits"].argmax(-1), title="early exit over frames (in order)")
+
+    # 2. AdaFrame, warm-started from the frame-exit model.
+    ada = dn.create_model(recipe.model, **{**kw, **recipe.model_kwargs})
+    for name in ("encoder", "memory", "classifier"):
+        getattr(ada, name).load_state_dict(getattr(fe, name).state_dict())
+    ada_train = {**recipe.train, **opt.get("adaframe_train", {})}
+    meta["adaframe_train_s"] = _train(ada, SimpleNamespace(train=ada_train), tr.x, tr.y, va.x, va.y,
+                                      loss_fn=ada.training_loss, progress=progress)
+    ada_static_acc, ada_static = _static_acc(ada, te.x, te.y)
+    for budget in recipe.calibration.budgets:
+        try:
+            ada.calibrate(va.x, budget=float(budget))
+        except ValueError as e:
+            print(f"adaframe: budget {budget} not reachable: {e}")
+            continue
+        rows += _row(f"adaframe_{ada.stop_rule}", ada, ada_static, te.x, te.y, static_acc=ada_static_acc,
+                     budget=float(budget), batch_sizes=recipe.bench.batch_sizes, bench=recipe.bench,
+                     extra_fn=_frames_extra(te))
+    res = _accuracy(lambda xb: ada(xb, mode="execute"), te.x[:24], te.y[:24])[1]
+    plot_timelines(res["decisions"]["frames"], out / "adaframe_timelines.png", order=res["decisions"]["frame_order"],
+                   key=te.key_frames[:24], labels=te.y[:24], preds=res["logits"].argmax(-1),
+                   title="AdaFrame: frames looked at (numbers = visiting order)")
+    plot_clip_selection(te.x[:6], res["decisions"]["frames"][:6], out / "adaframe_clips.png",
+                        order=res["decisions"]["frame_order"][:6], labels=te.y[:6],
+                        preds=res["logits"].argmax(-1)[:6])
+    meta["adaframe_static_accuracy_all_frames_in_order"] = ada_static_acc
+    return rows, meta
+
+
+def _frames_extra(split: Any) -> Any:
+    def fn(res: dict[str, Any]) -> dict[str, Any]:
+        frames = res["decisions"]["frames"]
+        key = split.key_frames[: frames.shape[0]]
+        hit = (frames & key).any(1).float().mean()
+        return {"frames_seen_fraction": float(frames.float().mean()),
+                "mean_frames_seen": float(frames.float().sum(1).mean()),
+                "mean_exit_step": float(res["decisions"]["exit_step"].float().mean()),
+                "key_frame_seen_rate": float(hit)}
+
+    return fn
+
+
+# --------------------------------------------------------------------------------------------------- audio
+def _run_audio(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tuple[list[Any], dict[str, Any]]:
+    import torch
+
+    import dynaneural as dn
+    from dynaneural.temporal_wise.audio.fsdd_features import load_fsdd_logmel
+    from dynaneural.temporal_wise.video.visualize import plot_timelines
+
+    torch.manual_seed(int(recipe.train.get("seed", 0)))
+    d = load_fsdd_logmel(data_dir=data_dir, **recipe.data, **recipe.options.get("features", {}))
+    model = dn.create_model(recipe.model, frames=d.frames, n_mels=d.n_mels, **recipe.model_kwargs)
+    train_s = _train(model, recipe, d.train_x, d.train_y, d.val_x, d.val_y, loss_fn=model.training_loss,
+                     progress=progress)
+    static_acc, static = _static_acc(model, d.test_x, d.test_y)
+    rows: list[Any] = []
+
+    def extra(res: dict[str, Any]) -> dict[str, Any]:
+        steps = res["decisions"]["frames"]
+        return {"frames_seen_fraction": float(steps.float().mean()),
+                "mean_exit_step": float(res["decisions"]["exit_step"].float().mean()),
+                "seconds_read": float(steps.float().sum(1).mean()) * model.chunk * d.settings["hop_length"] / 8000}
+
+    for budget in recipe.calibration.budgets:
+        try:
+            model.calibrate(d.val_x, budget=float(budget))
+        except ValueError as e:
+            print(f"audio_exit: budget {budget} not reachable: {e}")
+            continue
+        rows += _row("audio_exit", model, static, d.test_x, d.test_y, static_acc=static_acc, budget=float(budget),
+                     batch_sizes=recipe.bench.batch_sizes, bench=recipe.bench, extra_fn=extra)
+    res = _accuracy(lambda xb: model(xb, mode="execute"), d.test_x[::12], d.test_y[::12])[1]
+    plot_timelines(res["decisions"]["frames"], out / "audio_exit_timelines.png", labels=d.test_y[::12],
+                   preds=res["logits"].argmax(-1), step_name="50 ms chunk",
+                   title="early exit over time on spoken digits (dark = chunks read)")
+    return rows, {"train_s": train_s, "frames": d.frames, "n_mels": d.n_mels, "features": d.settings}
+
+
+# -------------------------------------------------------------------------------------------------- fusion
+def _run_fusion(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tuple[list[Any], dict[str, Any]]:
+    import torch
+
+    import dynaneural as dn
+    from dynaneural.data import load_dataset
+    from dynaneural.temporal_wise.audio.fsdd_features import load_fsdd_logmel
+    from dynaneural.temporal_wise.audio.fusion import AUDIO, BOTH, IMAGE, make_audio_visual_pairs
+
+    opt = recipe.options
+    seed = int(recipe.data.get("seed", 0))
+    torch.manual_seed(int(recipe.train.get("seed", 0)))
+    d = load_fsdd_logmel(data_dir=data_dir, **recipe.data, **opt.get("features", {}))
+    mnist = load_dataset("mnist", data_dir=data_dir, seed=seed)
+    corrupt = float(opt.get("corrupt", 0.5))
+    x, y, _ = make_audio_visual_pairs(d.train_x, d.train_y, mnist.train_x, mnist.train_y, seed=seed,
+                                      repeats=int(opt.get("train_repeats", 2)), corrupt=corrupt)
+    vx, vy, _ = make_audio_visual_pairs(d.val_x, d.val_y, mnist.val_x, mnist.val_y, seed=seed + 1, corrupt=corrupt)
+    tx, ty, tk = make_audio_visual_pairs(d.test_x, d.test_y, mnist.test_x, mnist.test_y, seed=seed + 2,
+                                         repeats=int(opt.get("test_repeats", 3)), corrupt=corrupt)
+    model = dn.create_model(recipe.model, frames=d.frames, n_mels=d.n_mels, **recipe.model_kwargs)
+    train_s = _train(model, recipe, x, y, vx, vy, loss_fn=None, progress=progress)
+    static_acc, static = _static_acc(model, tx, ty)
+
+    def extra(res: dict[str, Any]) -> dict[str, Any]:
+        m = res["decisions"]["modality"]
+        correct = res["logits"].argmax(-1) == ty
+        e = {f"{name}_fraction": float((m == k).float().mean()) for k, name in
+             ((AUDIO, "audio_only"), (IMAGE, "image_only"), (BOTH, "both"))}
+        for k, name in ((0, "clean"), (1, "audio_corrupted"), (2, "image_corrupted")):
+            sel = tk == k
+            e[f"accuracy_{name}"] = float(correct[sel].float().mean())
+            e[f"both_fraction_{name}"] = float((m[sel] == BOTH).float().mean())
+        return e
+
+    rows: list[Any] = []
+    for budget in recipe.calibration.budgets:
+        try:
+            model.calibrate(vx, budget=float(budget))
+        except ValueError as e:
+            print(f"fusion: budget {budget} not reachable: {e}")
+            continue
+        rows += _row("gated_fusion", model, static, tx, ty, static_acc=static_acc, budget=float(budget),
+                     batch_sizes=recipe.bench.batch_sizes, bench=recipe.bench, extra_fn=extra)
+    return rows, {"train_s": train_s, "corrupt": corrupt, "pairs": {"train": len(y), "val": len(vy), "test": len(ty)}}

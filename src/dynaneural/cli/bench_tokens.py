@@ -1,0 +1,126 @@
+"""``dynaneural bench tokens``: ViT token pruning (DynamicViT), halting (A-ViT) and merging (ToMe) vs the static ViT.
+
+Trains the recipe's static ViT backbone (the DynamicViT model with pruning disabled is exactly it), fine-tunes
+DynamicViT (ratio loss) and A-ViT (ponder + distributional prior) from it, applies ToMe without training, then
+calibrates each method's one knob to the recipe's kept-token budget (mean over blocks of the fraction of tokens a
+block processes, ``options.keep_tokens``) on the validation split, and writes one
+:class:`~dynaneural.bench.rows.SpeedupRow` per (method, batch size): test accuracy in execute mode, mean FLOPs from
+the ledger, theoretical speed-up and realized speed-up against the static ViT, timed interleaved in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+
+__all__ = ["register", "run_token_bench"]
+
+
+def _train(model: torch.nn.Module, recipe: Any, data: Any, *, epochs: int, seed_offset: int = 0) -> None:
+    from dynaneural.engine import TrainConfig, train
+
+    cfg = TrainConfig.from_dict({**recipe.train, "epochs": epochs, "progress": False,
+                                 "seed": int(recipe.train.get("seed", 0)) + seed_offset,
+                                 "warmup_epochs": min(float(recipe.train.get("warmup_epochs", 0.0)), epochs)})
+    train(model, train_x=data.train_x, train_y=data.train_y, config=cfg)
+    model.eval()
+
+
+def run_token_bench(recipe: Any, *, data_dir: str | None = None, log: Any = print) -> dict[str, Any]:
+    """Train, calibrate and time the token methods; returns ``{rows, meta}``."""
+    from dynaneural.bench.rows import SpeedupRow, time_against_static
+    from dynaneural.data import load_dataset
+    from dynaneural.engine import evaluate
+    from dynaneural.registry import create_model
+
+    opts = recipe.options
+    keep = float(opts.get("keep_tokens", 0.6))
+    methods = list(opts.get("methods", ["dynamicvit", "avit", "tome"]))
+    finetune = int(opts.get("finetune_epochs", 1))
+    data = load_dataset(recipe.dataset, data_dir=data_dir, **recipe.data)
+    bench = recipe.bench
+    torch.manual_seed(int(recipe.train.get("seed", 0)))
+    t0 = time.perf_counter()
+    base = create_model(recipe.model, **recipe.model_kwargs, threshold=0.0)  # pruning off: the static ViT
+    _train(base, recipe, data, epochs=int(recipe.train.get("epochs", 3)))
+    static = base.vit.eval()
+    static_acc = evaluate(static, data.test_x, data.test_y).accuracy
+    static_flops = base.cost.static_total()
+    log(f"static ViT: test accuracy {static_acc:.4f}, {static_flops / 1e6:.2f} MFLOPs ({time.perf_counter() - t0:.0f} s)")
+    meta: dict[str, Any] = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0]),
+                            "static_accuracy": static_acc, "static_flops": static_flops, "keep_tokens": keep,
+                            "vit": base.cfg.vit.to_dict(), "finetune_epochs": finetune}
+    kw = {k: v for k, v in recipe.model_kwargs.items() if k in ("dim", "depth", "heads", "mlp_ratio", "num_classes")}
+    family = recipe.dataset.replace("-", "_") if recipe.dataset == "cifar10" else "mnist"
+    rows: list[SpeedupRow] = []
+    x_time = data.test_x[: bench.timed_samples]
+    for i, method in enumerate(methods):
+        t1 = time.perf_counter()
+        model = create_model(f"{method}_{family}", **kw, **opts.get(f"{method}_kwargs", {}))
+        model.vit.load_state_dict(base.vit.state_dict())
+        if method in ("dynamicvit", "avit") and finetune > 0:
+            _train(model, recipe, data, epochs=finetune, seed_offset=i + 1)
+        cal = model.calibrate(data.val_x[: int(opts.get("calibration_samples", 2000))], budget=keep, unit="tokens")
+        res = evaluate(model, data.test_x, data.test_y, mode="execute")
+        with torch.inference_mode():
+            tok = torch.cat([model(data.test_x[j:j + 512], mode="execute").decisions["tokens"]
+                             for j in range(0, data.test_x.shape[0], 512)]).double()
+        kept = float(tok.mean()) / model.cfg.vit.num_tokens
+        mean_flops = float(res.mean_cost)
+        theo = static_flops / mean_flops
+        knob = float(getattr(model, "halt_threshold" if method == "avit" else "threshold"))
+        log(f"{method}: accuracy {res.accuracy:.4f} ({(static_acc - res.accuracy) * 100:+.2f} pp loss), kept tokens "
+            f"{kept:.3f}, FLOPs {mean_flops / static_flops:.3f} of static, knob {knob:.4g} "
+            f"({time.perf_counter() - t1:.0f} s)")
+        for bs in bench.batch_sizes:
+            xs = x_time if bs > 1 else x_time[: bench.timed_samples_batch1]
+            t = time_against_static(static, lambda xb, m=model: m(xb, mode="execute"), xs, batch_size=bs,
+                                    repeats=bench.repeats)
+            rows.append(SpeedupRow(
+                method=method, batch_size=bs, accuracy=res.accuracy, mean_flops=mean_flops, static_flops=static_flops,
+                theoretical_speedup=theo, realized_over_theoretical=t["realized_speedup"] / theo, budget=keep,
+                unit="kept_tokens", achieved_budget=kept, budget_error=kept / keep - 1, static_accuracy=static_acc,
+                **t, extra={"knob": knob, "calibration_val_kept": cal.mean_cost,
+                            "kept_tokens_per_block": [float(v) / model.cfg.vit.num_tokens for v in tok.mean(0)],
+                            "per_sample_kept_std": float((tok.mean(1) / model.cfg.vit.num_tokens).std())}))
+            log(f"  batch {bs}: realized {t['realized_speedup']:.2f}× (theoretical {theo:.2f}×)")
+    meta["seconds"] = time.perf_counter() - t0
+    return {"rows": rows, "meta": meta}
+
+
+def cmd_bench_tokens(args: argparse.Namespace) -> int:
+    from dynaneural.bench.rows import format_rows, write_bench_json
+    from dynaneural.cli.main import _maybe_reexec_with_tuned_allocator, _recipe
+
+    _maybe_reexec_with_tuned_allocator(args)
+    torch.set_num_threads(args.threads)
+    args.recipe = args.recipe or f"tokens_{args.dataset.replace('-', '_')}"
+    recipe = _recipe(args)
+    if args.methods:
+        recipe.options["methods"] = args.methods.split(",")
+    out = run_token_bench(recipe, data_dir=args.data_dir, log=lambda s: print(s, flush=True))
+    print(format_rows(out["rows"]))
+    if args.json:
+        path = write_bench_json(args.json, out["rows"], recipe=recipe.name, **out["meta"])
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
+    p = bsub.add_parser("tokens", help="ViT token pruning (DynamicViT), halting (A-ViT), merging (ToMe)")
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
+    p.add_argument("--recipe", default=None, help="default: tokens_<dataset>")
+    p.add_argument("--methods", default=None, help="comma-separated subset of dynamicvit,avit,tome")
+    p.add_argument("--quick", action="store_true", help="the recipe's quick variant")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of the static backbone")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (timing is per thread count)")
+    p.add_argument("--json", default=None, help="write the rows here (e.g. benchmarks/tokens_mnist.json)")
+    data_opts(p)
+    common(p)
+    p.set_defaults(fn=cmd_bench_tokens)
+
+

@@ -1,0 +1,132 @@
+"""``dynaneural bench width``: per-sample width (slimmable levels, FBS channel gating) against the full width.
+
+Trains the recipe's slimmable CNN (all widths, in-place distillation, width policy) and its FBS channel-gated CNN
+of the same architecture, calibrates the width policy's threshold to each budget on the validation split, and
+writes one :class:`~dynaneural.bench.rows.SpeedupRow` per (method, budget, batch size): test accuracy in execute
+mode, mean FLOPs from the ledger, theoretical speed-up (full-width FLOPs / mean FLOPs) and realized speed-up
+(full-width static CNN, BN folded, against the dynamic model in execute mode, timed interleaved in one run).
+The full-width reference is the slimmable network at 100 % width (``all_on``: its static twin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+
+__all__ = ["register", "run_width_bench"]
+
+
+def _train(model: torch.nn.Module, recipe: Any, data: Any, *, extra: dict[str, Any] | None = None) -> None:
+    from dynaneural.engine import TrainConfig, train
+
+    cfg = TrainConfig.from_dict({**recipe.train, "progress": False, **(extra or {})})
+    train(model, train_x=data.train_x, train_y=data.train_y, val_x=data.val_x, val_y=data.val_y, config=cfg)
+    model.eval()
+
+
+def run_width_bench(recipe: Any, *, data_dir: str | None = None, log: Any = print) -> dict[str, Any]:
+    """Train, calibrate and time the recipe's width methods; returns ``{rows, meta}``."""
+    from dynaneural.bench.rows import SpeedupRow, time_against_static
+    from dynaneural.compute.flops import static_flops
+    from dynaneural.data import load_dataset
+    from dynaneural.engine import evaluate
+    from dynaneural.layers import fold_batch_norms
+    from dynaneural.registry import create_model
+    from dynaneural.sample_wise.dynamic_width.slimmable import calibrate_width
+
+    opts = recipe.options
+    data = load_dataset(recipe.dataset, data_dir=data_dir, **recipe.data)
+    torch.manual_seed(recipe.train.get("seed", 0))
+    bench = recipe.bench
+    x_time = data.test_x[: bench.timed_samples]
+    rows: list[SpeedupRow] = []
+    meta: dict[str, Any] = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0])}
+
+    def timed_rows(method: str, model: Any, static: Any, *, acc: float, mean_flops: float, full_flops: float,
+                   static_acc: float, budget: float, extra: dict[str, Any]) -> None:
+        static_fn = fold_batch_norms(static).eval()
+        for bs in bench.batch_sizes:
+            xs = x_time if bs > 1 else x_time[: bench.timed_samples_batch1]
+            t = time_against_static(static_fn, lambda xb: model(xb, mode="execute"), xs, batch_size=bs,
+                                    repeats=bench.repeats)
+            theo = full_flops / mean_flops
+            rows.append(SpeedupRow(method=method, batch_size=bs, accuracy=acc, mean_flops=mean_flops,
+                                   static_flops=full_flops, theoretical_speedup=theo,
+                                   realized_over_theoretical=t["realized_speedup"] / theo, budget=budget,
+                                   achieved_budget=mean_flops / full_flops, static_accuracy=static_acc,
+                                   extra=extra, **t))
+            log(f"  {method} budget={budget:.2f} batch={bs}: acc={acc:.4f} flops={mean_flops / full_flops:.3f} "
+                f"theoretical={theo:.2f}x realized={t['realized_speedup']:.2f}x")
+
+    # ---------------------------------------------------------------- slimmable widths
+    t0 = time.perf_counter()
+    slim = create_model(opts.get("slimmable_model", "slimmable_mnist"))
+    _train(slim, recipe, data)
+    meta["slimmable_train_seconds"] = time.perf_counter() - t0
+    static = slim.to_static()
+    full_flops = static_flops(static, data.test_x[:1])
+    with slim.all_on():
+        full_acc = evaluate(slim, data.test_x, data.test_y, mode="execute").accuracy
+    per_width = evaluate(slim, data.test_x, data.test_y, mode="train").exit_accuracy
+    meta["full_width_accuracy"], meta["per_width_accuracy"] = full_acc, per_width
+    log(f"slimmable: full width {full_acc:.4f}, per width {per_width} ({meta['slimmable_train_seconds']:.0f} s)")
+    for budget in recipe.calibration.budgets:
+        cal = calibrate_width(slim, data.val_x, budget=budget)
+        ev = evaluate(slim, data.test_x, data.test_y, mode="execute")
+        with torch.inference_mode():
+            widths = torch.cat([slim(data.test_x[i:i + 1024], mode="execute").width
+                                for i in range(0, data.test_x.shape[0], 1024)])
+        hist = torch.bincount(widths, minlength=slim.num_levels).double() / widths.numel()
+        timed_rows("slimmable", slim, static, acc=ev.accuracy, mean_flops=float(ev.mean_cost), full_flops=full_flops,
+                   static_acc=full_acc, budget=budget,
+                   extra={"threshold": cal.knob, "width_fraction": [round(float(h), 4) for h in hist],
+                          "width_mults": list(slim.width_mults)})
+
+    # ---------------------------------------------------------------- FBS channel gating
+    for keep in opts.get("gating_keep", [0.5]):
+        t0 = time.perf_counter()
+        gate = create_model(opts.get("gating_model", "channel_gating_mnist"), keep=keep)
+        _train(gate, recipe, data, extra={"distill_alpha": 0.0})
+        secs = time.perf_counter() - t0
+        ev = evaluate(gate, data.test_x, data.test_y, mode="execute")
+        log(f"channel gating keep={keep}: {ev.accuracy:.4f} ({secs:.0f} s)")
+        timed_rows("channel_gating", gate, gate.to_static(), acc=ev.accuracy, mean_flops=float(ev.mean_cost),
+                   full_flops=static_flops(gate.to_static(), data.test_x[:1]), static_acc=full_acc, budget=keep,
+                   extra={"keep": keep, "train_seconds": secs,
+                          "static_reference": "slimmable full width (same architecture, separate training)"})
+    return {"rows": rows, "meta": meta}
+
+
+def cmd_bench_width(args: argparse.Namespace) -> int:
+    from dynaneural.bench.rows import format_rows, write_bench_json
+    from dynaneural.cli.main import _maybe_reexec_with_tuned_allocator, _recipe
+
+    _maybe_reexec_with_tuned_allocator(args)
+    args.recipe = args.recipe or f"width_{args.dataset.replace('-', '_')}"
+    recipe = _recipe(args)
+    if recipe.dataset != args.dataset:
+        raise SystemExit(f"recipe {recipe.name} is for dataset {recipe.dataset}, not {args.dataset}")
+    torch.set_num_threads(args.threads)
+    res = run_width_bench(recipe, data_dir=args.data_dir)
+    print(format_rows(res["rows"]))
+    if args.json:
+        path = write_bench_json(args.json, res["rows"], recipe=recipe.name, **res["meta"])
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
+    w = bsub.add_parser("width", help="dynamic width: slimmable per-sample widths and FBS channel gating")
+    w.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
+    w.add_argument("--recipe", default=None, help="default: width_<dataset>")
+    w.add_argument("--quick", action="store_true", help="the recipe's quick variant")
+    w.add_argument("--epochs", type=int, default=None)
+    w.add_argument("--threads", type=int, default=1, help="torch threads (timing is per thread count)")
+    w.add_argument("--json", default=None, help="write the rows here (e.g. benchmarks/width_mnist.json)")
+    data_opts(w)
+    common(w)
+    w.set_defaults(fn=cmd_bench_width)

@@ -1,0 +1,91 @@
+"""Slimmable per-sample width: grouping rows by width, sliced execution, FLOPs, calibration, training outputs."""
+
+import pytest
+import torch
+
+import dynaneural as dn
+from dynaneural.compute.flops import static_flops
+from dynaneural.execution import group_rows
+from dynaneural.sample_wise.dynamic_width.slimmable import calibrate_width
+
+
+def _model(threshold=0.5):
+    torch.manual_seed(0)
+    return dn.create_model("test_slimmable", threshold=threshold).eval()
+
+
+def test_each_width_level_equals_its_static_slice_and_cost():
+    m = _model()
+    x = m.example_input(6)
+    with torch.inference_mode():
+        for lv in range(m.num_levels):
+            static = m.to_static(lv).eval()
+            torch.testing.assert_close(m.run_level(x, lv, folded=True), static(x), rtol=1e-4, atol=1e-4)
+            assert m.level_cost[lv] == static_flops(static, x[:1])
+
+
+def test_execute_groups_rows_by_width():
+    m = _model()
+    x = m.example_input(64, generator=torch.Generator().manual_seed(3))
+    calls = []
+    orig = m.run_level
+
+    def spy(sub, lv, *, folded=False):
+        calls.append((lv, sub.shape[0]))
+        return orig(sub, lv, folded=folded)
+
+    m.run_level = spy
+    with torch.inference_mode():
+        out = m(x, mode="execute")
+    counts = torch.bincount(out.width, minlength=m.num_levels)
+    assert len({lv for lv, _ in calls}) == len(calls)  # one sub-batch per width level
+    assert sorted(calls) == [(lv, int(c)) for lv, c in enumerate(counts) if c > 0]
+    assert len(calls) > 1
+    expected = torch.tensor(m.level_cost, dtype=torch.float64)[out.width] + m.policy_cost
+    torch.testing.assert_close(out.cost, expected, rtol=0, atol=0)
+
+
+def test_group_rows_partitions_the_batch():
+    keys = torch.tensor([2, 0, 2, 1, 0, 3])
+    groups = group_rows(keys, 4)
+    assert [g.tolist() for g in groups] == [[1, 4], [3], [0, 2], [5]]
+
+
+def test_threshold_moves_cost_monotonically_and_calibrates():
+    m = _model()
+    x = m.example_input(128, generator=torch.Generator().manual_seed(1))
+    costs = []
+    with torch.inference_mode():
+        for t in (0.0, 0.5, 1.0):
+            m.set_threshold(t)
+            costs.append(float(m(x, mode="execute").cost.mean()))
+    assert costs[0] <= costs[1] <= costs[2]
+    assert costs[0] == pytest.approx(m.level_cost[0] + m.policy_cost)
+    m.set_threshold(0.5)
+    lo, hi = costs[0] / (m.level_cost[-1] + m.policy_cost), costs[2] / (m.level_cost[-1] + m.policy_cost)
+    target = 0.5 * (lo + hi)
+    cal = calibrate_width(m, x, budget=target)
+    assert abs(cal.mean_cost - target) < 0.2 * target
+    with pytest.raises(ValueError):
+        calibrate_width(m, x, budget=1.5)
+
+
+def test_train_mode_returns_every_width_and_policy_loss():
+    m = _model().train()
+    out = m(m.example_input(8), mode="train")
+    assert len(out.exit_logits) == m.num_levels and "width_policy" in out.aux_losses
+    loss = sum(z.logsumexp(-1).mean() for z in out.exit_logits) + out.aux_losses["width_policy"]
+    loss.backward()
+    assert m.policy[-1].weight.grad is not None and m.layers[0].bns[0].weight.grad is not None
+
+
+def test_trainer_trains_all_widths_with_multi_exit_loss():
+    from dynaneural.engine import TrainConfig, train
+
+    m = _model()
+    x = torch.randn(64, 1, 8, 8)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    res = train(m, train_x=x, train_y=y, val_x=x, val_y=y,
+                config=TrainConfig(epochs=1, batch_size=32, lr=0.05, progress=False, device="cpu",
+                                   distill_alpha=0.5))
+    assert any(k.startswith("val_acc/exit") for k in res.history[-1])

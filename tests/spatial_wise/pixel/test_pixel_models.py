@@ -1,0 +1,105 @@
+"""DynConv, SBNet and SACT: costs, losses, masks and execute == simulate beyond the registry contract test."""
+
+import torch
+
+import dynaneural as dn
+from dynaneural.spatial_wise.pixel.dynconv import DynConvConfig, DynConvResNet
+from dynaneural.spatial_wise.pixel.sbnet import SBNetResNet
+
+
+def _x(model, n=6, seed=0):
+    return model.example_input(n, generator=torch.Generator().manual_seed(seed))
+
+
+def test_dynconv_cost_is_the_active_positions():
+    model = dn.create_model("test_dynconv").eval()
+    x = _x(model)
+    with torch.inference_mode():
+        out = model(x, mode="execute")
+    manual = torch.full((6,), model.stem_flops + model.head_flops, dtype=torch.float64)
+    for i, m in enumerate(out.masks):
+        blk = model.net.blocks[i]
+        manual += model.gate_flops(i) + blk.position_costs(m)
+    torch.testing.assert_close(out.cost, manual, rtol=1e-12, atol=0)
+    assert out.cost.max() < model.static_total + sum(model.gate_flops(i) for i in range(len(model.gates)))
+    assert [tuple(m.shape) for m in out.masks] == [(6, 8, 8), (6, 8, 8), (6, 4, 4)]
+
+
+def test_dynconv_threshold_moves_cost_and_all_off_pays_only_fixed_parts():
+    model = dn.create_model("test_dynconv").eval()
+    x = _x(model, 16)
+    costs = []
+    for t in (0.0, 0.3, 0.5, 0.7, 1.0):
+        model.threshold = t
+        with torch.inference_mode():
+            costs.append(float(model(x, mode="execute").cost.mean()))
+    assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
+    # threshold 1: no position active → stem, head, gates and projection shortcuts only
+    fixed = model.stem_flops + model.head_flops + sum(model.gate_flops(i) for i in range(3))
+    fixed += model.net.blocks[2].shortcut_fpp * 16
+    assert abs(costs[-1] - fixed) < 1e-6
+    # threshold 0: every position active; conv1 at the dilated (= full) mask → static cost + gates
+    assert abs(costs[0] - model.static_total - sum(model.gate_flops(i) for i in range(3))) < 1e-6
+
+
+def test_dynconv_budget_loss_trains_the_gates():
+    model = dn.create_model("test_dynconv").train()
+    out = model(_x(model, 8), mode="train")
+    assert "budget" in out.aux_losses
+    out.aux_losses["budget"].backward()
+    assert all(g.weight.grad is not None and g.weight.grad.abs().sum() > 0 for g in model.gates)
+
+
+def test_dynconv_from_static_and_training_progress():
+    model = DynConvResNet(DynConvConfig(in_chans=3, input_size=8, widths=(8,), depths=(2,), strides=(1,),
+                                        tau_start=2.0, tau_end=0.5))
+    static = model.to_static()
+    for p in static.parameters():
+        p.data.normal_()
+    model.load_static(static)
+    torch.testing.assert_close(model.net.stem[0].weight, static.stem[0].weight)
+    model.set_train_progress(1.0)
+    assert abs(model.tau - 0.5) < 1e-9
+
+
+def test_sbnet_tile_execution_equals_masked_dense_and_charges_halos():
+    model = dn.create_model("test_sbnet").eval()
+    assert isinstance(model, SBNetResNet)
+    x = _x(model, 5)
+    with torch.inference_mode():
+        sim, exe = model(x, mode="simulate"), model(x, mode="execute")
+    torch.testing.assert_close(exe.logits, sim.logits, rtol=1e-5, atol=1e-5)
+    for m in exe.masks:  # pixel masks are unions of whole 2×2 tiles
+        s = m.shape[1] // 2
+        tiles = m.view(5, s, 2, s, 2)
+        assert bool((tiles.all(2).all(3) == tiles.any(2).any(3)).all())
+    blk = model.net.blocks[0]
+    assert model._tile_costs(blk, torch.ones(1, dtype=torch.float64)).item() == blk.conv1_fpp * 16 + blk.conv2_fpp * 4
+
+
+def test_sact_halting_semantics():
+    model = dn.create_model("test_sact").eval()
+    x = _x(model, 7)
+    with torch.inference_mode():
+        sim, exe = model(x, mode="simulate"), model(x, mode="execute")
+    for a, b in zip(sim.units_maps, exe.units_maps, strict=True):
+        torch.testing.assert_close(a, b)
+        assert int(a.min()) >= 1 and int(a.max()) <= 3
+    for p in exe.ponder_maps:
+        assert bool((p >= 1).all()) and bool((p <= 4).all())
+    torch.testing.assert_close(exe.cost, sim.cost, rtol=1e-9, atol=0)
+    # positions that halt immediately run only the first unit of every stage
+    for units in model.halting:
+        for hu in units:
+            hu.conv.bias.data.fill_(20.0)
+    with torch.inference_mode():
+        out = model(x, mode="execute")
+    assert all(int(u.max()) == 1 for u in out.units_maps)
+    assert float(out.decisions["active_fraction"].max()) == 0.0
+
+
+def test_sact_ponder_loss_has_gradient_to_halting_units():
+    model = dn.create_model("test_sact").train()
+    out = model(_x(model, 4), mode="train")
+    out.aux_losses["ponder"].backward()
+    assert model.halting[0][0].conv.weight.grad.abs().sum() > 0
