@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run_halting_bench"]
+__all__ = ["register", "run_halting_bench", "steps_by_nonzero"]
 
 
 def _rows_for(model: Any, static: Any, *, method: str, setting: str, knob: float, budget: float, data: Any,
-              batch_sizes: list[int], timed: int, repeats: int, static_acc: float, static_cost: float,
+              batch_sizes: list[int], timed: tuple[int, int], repeats: int, static_acc: float, static_cost: float,
               extra: dict[str, Any]) -> list[Any]:
     from dynaneural.bench.rows import SpeedupRow, time_against_static
     from dynaneural.sample_wise.halting.parity import evaluate_halting
@@ -30,7 +30,8 @@ def _rows_for(model: Any, static: Any, *, method: str, setting: str, knob: float
     model.eval()
     rows = []
     for bs in batch_sizes:
-        t = time_against_static(static, lambda xb: model(xb, mode="execute"), data.test_x[:timed], batch_size=bs,
+        n = timed[1] if bs == 1 else timed[0]
+        t = time_against_static(static, lambda xb: model(xb, mode="execute"), data.test_x[:n], batch_size=bs,
                                 repeats=repeats)
         theo = static_cost / test["mean_flops"]
         rows.append(SpeedupRow(
@@ -48,6 +49,43 @@ def _rows_for(model: Any, static: Any, *, method: str, setting: str, knob: float
                    "extrapolation_mean_steps": ext["mean_steps"], "extrapolation_samples": ext["samples"],
                    **extra}))
     return rows
+
+
+def steps_by_nonzero(model: Any, x: Any, y: Any, *, batch_size: int = 1000) -> dict[int, dict[str, float]]:
+    """Mean ponder steps and sequence error of ``model`` (execute mode) for each number of non-zero entries."""
+    import torch
+
+    steps, correct = [], []
+    with torch.inference_mode():
+        for i in range(0, x.shape[0], batch_size):
+            out = model(x[i:i + batch_size], mode="execute")
+            steps.append(out.decisions["steps"].double())
+            correct.append((out.logits.argmax(1) == y[i:i + batch_size]).double())
+    s, c, k = torch.cat(steps), torch.cat(correct), (x != 0).sum(1)
+    return {int(v): {"mean_steps": float(s[k == v].mean()), "sequence_error": 1.0 - float(c[k == v].mean()),
+                     "samples": int((k == v).sum())} for v in k.unique().tolist()}
+
+
+def _plot_steps(by_k: dict[int, dict[str, float]], *, top: int, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(by_k)
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(ks, [by_k[k]["mean_steps"] for k in ks], "o-")
+    ax[0].set_xlabel("non-zero entries")
+    ax[0].set_ylabel("mean ponder steps")
+    ax[1].plot(ks, [100 * by_k[k]["sequence_error"] for k in ks], "o-")
+    ax[1].set_xlabel("non-zero entries")
+    ax[1].set_ylabel("sequence error (%)")
+    for a in ax:
+        a.axvline(top + 0.5, color="grey", ls="--", lw=1)  # right of it: never seen in training
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run_halting_bench(*, method: str, recipe_name: str | None = None, quick: bool = False, extrapolate: bool = False,
@@ -100,7 +138,8 @@ def run_halting_bench(*, method: str, recipe_name: str | None = None, quick: boo
     with torch.inference_mode():
         static_acc = float((static(data.test_x).argmax(1) == data.test_y).float().mean())
     bs_list = [int(b) for b in recipe.bench.batch_sizes]
-    timed, repeats = int(recipe.bench.timed_samples), int(recipe.bench.repeats)
+    timed = (int(recipe.bench.timed_samples), int(recipe.bench.timed_samples_batch1))
+    repeats = int(recipe.bench.repeats)
     extra = {"task": "parity", "n_bits": n_bits, "train_max_nonzero": top, "train_steps": train_steps,
              "train_seconds": round(train_seconds, 1), "max_steps": model.max_steps, "model": recipe.model}
     rows: list[Any] = []
@@ -143,6 +182,8 @@ def run_halting_bench(*, method: str, recipe_name: str | None = None, quick: boo
                               static_acc=static_acc, static_cost=static_cost,
                               extra={**extra, "halting": "threshold", "val_fraction": cal.mean_cost})
         model.threshold = trained_q
+    model.eval()
+    by_k = steps_by_nonzero(model, torch.cat([data.test_x, data.extra_x]), torch.cat([data.test_y, data.extra_y]))
     print(format_rows(rows, ["method", "setting", "budget", "batch_size", "sequence_error", "mean_steps",
                              "ponder_cost", "extrapolation_sequence_error", "extrapolation_mean_steps",
                              "theoretical_speedup", "realized_speedup", "realized_over_theoretical"]))
@@ -150,8 +191,11 @@ def run_halting_bench(*, method: str, recipe_name: str | None = None, quick: boo
         print("budgets not reached:", not_reached)
     suffix = "_extrapolate" if extrapolate else ""
     path = Path(out_json or f"benchmarks/halting_{method}_parity{suffix}.json")
-    write_bench_json(path, rows, recipe=recipe.name, not_reached=not_reached, static_accuracy=static_acc)
-    print(f"wrote {path}")
+    write_bench_json(path, rows, recipe=recipe.name, not_reached=not_reached, static_accuracy=static_acc,
+                     steps_by_nonzero=by_k)
+    _plot_steps(by_k, top=top, title=f"{method} on {n_bits}-bit parity (trained on k <= {top})",
+                path=path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
     return [r.to_dict() for r in rows]
 
 

@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             tx, ty = tx[:args.limit], ty[:args.limit]
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = create_model(model_name, **kwargs)
-        if args.expert_parallel:
+        if args.expert_parallel and world > 1:  # one process holds every expert: nothing to shard
             from dynaneural.sample_wise.moe.distributed import shard_experts
 
             shard_experts(model)

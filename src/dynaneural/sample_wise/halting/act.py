@@ -123,46 +123,50 @@ class AdaptiveComputationTime(PonderingModel):
         return math.inf if self._all_on else 1.0 - self.eps
 
     # ------------------------------------------------------------------ one input step, two implementations
-    def _ponder_compact(self, x_t: torch.Tensor | None, s: torch.Tensor, ledger: CostLedger
+    def _ponder_compact(self, x_t: torch.Tensor | None, s: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Execute/train: only samples still pondering run the next step. Returns (mean state, N, R)."""
-        body, m, c, thr = self.body, self.max_steps, self.body.costs, self.threshold
+        body, m, thr = self.body, self.max_steps, self.threshold
         b, dev = s.shape[0], s.device
         idx = torch.arange(b, device=dev)  # original rows of the compact sub-batch
         cur, xa = s, x_t
         hsum = s.new_zeros(b)
         acc = torch.zeros_like(s)
-        out = torch.zeros_like(s)
-        steps = torch.full((b,), m, dtype=torch.long, device=dev)
-        rem = s.new_zeros(b)
+        # (original rows, mean states, remainders, N) of the samples that halted, scattered back once at the end.
+        finished: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
         for n in range(1, m + 1):
             cur = body.step(xa, cur, first=n == 1)
-            ledger.charge(c.step, idx, part="step")
+            stop: torch.Tensor | None = None
             if n < m:
                 h = torch.sigmoid(body.halting(cur))
-                ledger.charge(c.halting, idx, part="halting")
-                stop = hsum + h >= thr
+                new = hsum + h
+                stop = new >= thr
+                if not bool(stop.any()):  # nobody halts: p = h for every row
+                    acc = acc + _bcast(h, cur) * cur
+                    hsum = new
+                    continue
                 p = torch.where(stop, 1.0 - hsum, h)
             else:
-                h = None
-                stop = torch.ones(idx.numel(), dtype=torch.bool, device=dev)
                 p = 1.0 - hsum
             acc = acc + _bcast(p, cur) * cur
-            if n < m and not bool(stop.any()):
-                hsum = hsum + h  # type: ignore[operator]
-                continue
-            # The samples that halt leave the sub-batch: scatter their mean state, N and R back.
-            done = rows_where(stop)
-            rows = idx.index_select(0, done)
-            out = out.index_copy(0, rows, acc.index_select(0, done))
-            rem = rem.index_copy(0, rows, (1.0 - hsum).index_select(0, done))
-            steps[rows] = n
-            keep = rows_where(~stop)
-            if keep.numel() == 0:
+            if stop is None or bool(stop.all()):
+                finished.append((idx, acc, 1.0 - hsum, n))
                 break
+            # The samples that halt leave the sub-batch; the rest run the next step.
+            done, keep = rows_where(stop), rows_where(~stop)
+            finished.append((idx.index_select(0, done), acc.index_select(0, done),
+                             (1.0 - hsum).index_select(0, done), n))
             idx, cur, acc = idx.index_select(0, keep), cur.index_select(0, keep), acc.index_select(0, keep)
-            hsum = (hsum + h).index_select(0, keep)  # type: ignore[operator]
+            hsum = new.index_select(0, keep)
             xa = xa.index_select(0, keep) if xa is not None else None
+        if len(finished) == 1:  # everyone halted at the same step: rows are still in input order
+            rows, acc, rem, n = finished[0]
+            return acc, torch.full((b,), n, dtype=torch.long, device=dev), rem
+        rows = torch.cat([f[0] for f in finished])
+        out = torch.zeros_like(s).index_copy(0, rows, torch.cat([f[1] for f in finished]))
+        rem = s.new_zeros(b).index_copy(0, rows, torch.cat([f[2] for f in finished]))
+        steps = torch.empty(b, dtype=torch.long, device=dev).index_copy_(
+            0, rows, torch.cat([torch.full((f[0].numel(),), f[3], dtype=torch.long, device=dev) for f in finished]))
         return out, steps, rem
 
     def _ponder_masked(self, x_t: torch.Tensor | None, s: torch.Tensor
@@ -198,14 +202,15 @@ class AdaptiveComputationTime(PonderingModel):
             if mode is Mode.SIMULATE:
                 s, steps, rem = self._ponder_masked(x_t, s)
             else:
-                s, steps, rem = self._ponder_compact(x_t, s, ledger)
+                s, steps, rem = self._ponder_compact(x_t, s)
             all_steps.append(steps)
             all_rem.append(rem)
         logits = self.body.readout(s)
         steps_t, rem_t = torch.stack(all_steps, 1), torch.stack(all_rem, 1)
-        if mode is Mode.SIMULATE:  # charge from the decisions what execute charges as it runs
-            n = steps_t.to(torch.float64)
-            ledger.charge((n * c.step + n.clamp(max=m - 1) * c.halting).sum(1), torch.arange(b, device=x.device))
+        # What each sample ran: N(t) steps and min(N(t), M-1) halting units per input step (one tensor op for the
+        # whole batch rather than a ledger update per ponder step, which costs as much as a small step).
+        n = steps_t.to(torch.float64)
+        ledger.charge((n * c.step + n.clamp(max=m - 1) * c.halting).sum(1), part="ponder")
         ledger.charge(c.readout, part="readout")
         ponder = (steps_t.to(rem_t.dtype) + rem_t).sum(1)
         return ACTOutput(logits=logits, cost=ledger.flops, decisions={"steps": steps_t.sum(1)}, mode=mode,

@@ -154,46 +154,47 @@ class PonderNet(PonderingModel):
         g = torch.Generator().manual_seed(self.sample_seed)
         return torch.rand(b, self.max_steps - 1, generator=g).to(device)
 
-    def _stop(self, lam: torch.Tensor, surv: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
-        """Halt after this step? ``surv`` = Π_{j<n} (1 - λ_j); ``u``: this step's uniforms (sampling)."""
+    def _stop(self, lam: torch.Tensor, surv: torch.Tensor, u: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(halt after this step?, Π_{j≤n} (1 - λ_j)) from ``surv`` = Π_{j<n} (1 - λ_j); ``u``: this step's
+        uniforms when sampling. The threshold rule is P(n* ≤ n) = 1 - Π_{j≤n} (1 - λ_j) ≥ q."""
+        new = surv * (1.0 - lam)
         if u is not None:
-            return u < lam
-        return 1.0 - surv * (1.0 - lam) >= self.threshold
+            return u < lam, new
+        return new <= 1.0 - self.threshold, new
 
-    def _compact(self, x_t: torch.Tensor | None, s: torch.Tensor, ledger: CostLedger
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compact(self, x_t: torch.Tensor | None, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Execute: the samples that halt leave the sub-batch and are read out. Returns (logits, n*)."""
-        body, m, c = self.body, self.max_steps, self.body.costs
+        body, m = self.body, self.max_steps
         b, dev = s.shape[0], s.device
         u = self._uniforms(b, dev)
         idx = torch.arange(b, device=dev)
         cur, xa, surv = s, x_t, s.new_ones(b)
-        logits = s.new_zeros(b, self.num_classes)
-        steps = torch.full((b,), m, dtype=torch.long, device=dev)
+        finished: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (original rows, logits, n*)
         for n in range(1, m + 1):
             cur = body.step(xa, cur, first=n == 1)
-            ledger.charge(c.step, idx, part="step")
-            if n < m and not self._all_on:
-                lam = torch.sigmoid(body.halting(cur))
-                ledger.charge(c.halting, idx, part="halting")
-                stop = self._stop(lam, surv, None if u is None else u.index_select(0, idx)[:, n - 1])
-                surv = surv * (1.0 - lam)
-                if not bool(stop.any()):
-                    continue
-            elif n < m:
-                continue
-            else:
-                stop = torch.ones(idx.numel(), dtype=torch.bool, device=dev)
-            done = rows_where(stop)
-            rows = idx.index_select(0, done)
-            logits = logits.index_copy(0, rows, body.readout(cur.index_select(0, done)))
-            ledger.charge(c.readout, rows, part="readout")
-            steps[rows] = n
-            keep = rows_where(~stop)
-            if keep.numel() == 0:
+            if n == m:
+                finished.append((idx, body.readout(cur), n))
                 break
+            if self._all_on:
+                continue
+            lam = torch.sigmoid(body.halting(cur))
+            stop, surv = self._stop(lam, surv, None if u is None else u.index_select(0, idx)[:, n - 1])
+            if not bool(stop.any()):
+                continue
+            if bool(stop.all()):
+                finished.append((idx, body.readout(cur), n))
+                break
+            done, keep = rows_where(stop), rows_where(~stop)
+            finished.append((idx.index_select(0, done), body.readout(cur.index_select(0, done)), n))
             idx, cur, surv = idx.index_select(0, keep), cur.index_select(0, keep), surv.index_select(0, keep)
             xa = xa.index_select(0, keep) if xa is not None else None
+        if len(finished) == 1:  # everyone halted at the same step: rows are still in input order
+            return finished[0][1], torch.full((b,), finished[0][2], dtype=torch.long, device=dev)
+        rows = torch.cat([f[0] for f in finished])
+        logits = s.new_zeros(b, self.num_classes).index_copy(0, rows, torch.cat([f[1] for f in finished]))
+        steps = torch.empty(b, dtype=torch.long, device=dev).index_copy_(
+            0, rows, torch.cat([torch.full((f[0].numel(),), f[2], dtype=torch.long, device=dev) for f in finished]))
         return logits, steps
 
     def _all_steps(self, x_t: torch.Tensor | None, s: torch.Tensor
@@ -215,9 +216,9 @@ class PonderNet(PonderingModel):
             surv, active = s.new_ones(b), torch.ones(b, dtype=torch.bool, device=s.device)
             for n in range(m - 1):
                 lam = torch.sigmoid(z[:, n].detach())
-                stop = active & self._stop(lam, surv, None if u is None else u[:, n])
+                stop, surv = self._stop(lam, surv, None if u is None else u[:, n])
+                stop = active & stop
                 steps = torch.where(stop, torch.full_like(steps, n + 1), steps)
-                surv = surv * (1.0 - lam)
                 active = active & ~stop
         return torch.stack(outs, 1), z, steps
 
@@ -228,15 +229,19 @@ class PonderNet(PonderingModel):
         ledger = CostLedger.zeros(b, device=x.device)
         inputs, s = self.body.encode(x)
         ledger.charge(c.encode, part="encode")
+        step_logits = z = log_p = None
         if mode is Mode.EXECUTE:
-            logits, steps = self._compact(inputs[0], s, ledger)
-            return PonderNetOutput(logits=logits, cost=ledger.flops, decisions={"steps": steps}, mode=mode)
-        step_logits, z, steps = self._all_steps(inputs[0], s)
+            logits, steps = self._compact(inputs[0], s)
+        else:
+            step_logits, z, steps = self._all_steps(inputs[0], s)
+        # What each sample ran: n* steps, min(n*, N-1) halting units (none inside all_on()), one readout.
         n = steps.to(torch.float64)
-        halts = torch.zeros_like(n) if z is None else n.clamp(max=m - 1)
-        ledger.charge(n * c.step + halts * c.halting + c.readout, torch.arange(b, device=x.device))
+        halts = torch.zeros_like(n) if self._all_on else n.clamp(max=m - 1)
+        ledger.charge(n * c.step + halts * c.halting + c.readout, part="ponder")
+        if mode is Mode.EXECUTE:
+            return PonderNetOutput(logits=logits, cost=ledger.flops, decisions={"steps": steps}, mode=mode)
+        assert step_logits is not None
         aux: dict[str, torch.Tensor] = {}
-        log_p = None
         if z is not None:
             log_p = halting_distribution(z)
             aux["kl"] = self.beta * kl_to_geometric(log_p, self.lambda_p)

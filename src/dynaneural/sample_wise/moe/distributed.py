@@ -26,9 +26,13 @@ order). Simulate mode needs every expert locally and is not available on a shard
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
+import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,8 +107,11 @@ class ExpertParallelMoEFeedForward(MoEFeedForward):
             return counts, prob_sum, n
         counts = counts.clone()
         dist.all_reduce(counts, group=self.group)
-        prob_sum = dist_fn.all_reduce(prob_sum, group=self.group) if prob_sum.requires_grad else _all_reduce(
-            prob_sum.clone(), self.group)
+        if prob_sum.requires_grad:
+            with _quiet_deprecation():
+                prob_sum = dist_fn.all_reduce(prob_sum, group=self.group)
+        else:
+            prob_sum = _all_reduce(prob_sum.clone(), self.group)
         total = torch.tensor([n], dtype=torch.long)
         dist.all_reduce(total, group=self.group)
         return counts, prob_sum, int(total)
@@ -134,9 +141,19 @@ class ExpertParallelMoEFeedForward(MoEFeedForward):
     def _exchange(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], grad: bool) -> torch.Tensor:
         out = x.new_empty(sum(out_splits), x.shape[1])
         if grad:
-            return dist_fn.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
+            with _quiet_deprecation():
+                return dist_fn.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
         return out
+
+
+@contextlib.contextmanager
+def _quiet_deprecation() -> Iterator[None]:
+    # torch.distributed.nn.functional is marked deprecated in favour of _functional_collectives, which has no
+    # differentiable all_reduce; it still is the autograd all-to-all / all-reduce that works on gloo.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def _all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
@@ -271,6 +288,20 @@ def _equivalence_worker(rank: int, world: int, port: int, spec: dict[str, Any], 
         dist.destroy_process_group()
 
 
+def _spawn(fn: Any, args: tuple, nprocs: int, timeout_s: float) -> None:
+    """``torch.multiprocessing`` spawn that kills the workers instead of hanging past ``timeout_s``."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"the {nprocs} distributed workers did not finish within {timeout_s:.0f} s")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -279,14 +310,12 @@ def _free_port() -> int:
 
 def check_expert_parallel_equivalence(model: str, *, kwargs: dict[str, Any] | None = None, world_size: int = 2,
                                       batch_size: int = 8, seed: int = 0, lr: float = 0.1, repeats: int = 5,
-                                      threads: int = 1) -> EquivalenceReport:
+                                      threads: int = 1, timeout_s: float = 300.0) -> EquivalenceReport:
     """Run one training step of registry model ``model`` on ``world_size`` gloo processes (experts sharded, DDP)
     and in this process unsharded, on the same batch, and compare (see :class:`EquivalenceReport`).
 
     The batch is split into ``world_size`` equal contiguous shards (``batch_size`` must divide evenly).
     """
-    import torch.multiprocessing as mp
-
     from dynaneural.contract import example_input
     from dynaneural.registry import create_model
 
@@ -305,7 +334,7 @@ def check_expert_parallel_equivalence(model: str, *, kwargs: dict[str, Any] | No
         env_before = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = str(threads)
         try:
-            mp.spawn(_equivalence_worker, args=(world_size, _free_port(), spec, tmp), nprocs=world_size, join=True)
+            _spawn(_equivalence_worker, (world_size, _free_port(), spec, tmp), world_size, timeout_s)
         finally:
             if env_before is None:
                 os.environ.pop("OMP_NUM_THREADS", None)

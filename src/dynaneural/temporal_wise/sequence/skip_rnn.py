@@ -38,6 +38,7 @@ evaluated after every update but the last step's), ``head`` = the classifier.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -127,8 +128,9 @@ def _scripted_loop() -> object:
     """The TorchScript-compiled execute loop (compiled on first use; eager fallback if scripting fails)."""
     if "fn" not in _SCRIPTED:
         try:
-            torch.jit.script(steps_to_next_update)
-            _SCRIPTED["fn"] = torch.jit.script(_execute_loop)
+            with warnings.catch_warnings():  # torch.jit.script is deprecated in favour of torch.compile, which
+                warnings.simplefilter("ignore")  # cannot capture this data-dependent loop without graph breaks
+                _SCRIPTED["fn"] = torch.jit.script(_execute_loop)
         except Exception:  # pragma: no cover - scripting is an optimisation only
             _SCRIPTED["fn"] = _execute_loop
     return _SCRIPTED["fn"]

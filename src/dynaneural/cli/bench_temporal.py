@@ -1,0 +1,329 @@
+"""``dynaneural bench temporal --method {skip-lstm,skip-gru,jump,stop,partial}``: sequence models, timed and on SST-2.
+
+Two kinds of rows, both with the shared :class:`~dynaneural.bench.rows.SpeedupRow` keys:
+
+* ``timing`` rows (``--sizes``): an untrained model over random feature sequences, its knob calibrated to a
+  target fraction of work (``--target``, e.g. 50 % skipped updates), timed against the *fused* static
+  ``nn.LSTM``/``nn.GRU`` with the same weights (interleaved medians, one run);
+* ``sst2`` rows: the model trained on SST-2 (bucketed batches, Adam), its dev accuracy, FLOPs, fraction of tokens
+  read / updates, and wall-clock against a plain LSTM trained the same way (the full-reading model).
+
+Other families' temporal benches live in their own modules (``bench_temporal_media``); this one keeps to text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["METHODS", "register", "train_text_model", "evaluate_text_model"]
+
+#: method -> (feature-input registry model for timing, SST-2 registry model, knob range (lo, hi))
+METHODS: dict[str, dict[str, Any]] = {
+    "skip-lstm": {"timing": ("skip_lstm", {"cell": "lstm"}), "sst2": "skip_lstm_sst2", "knob": (0.05, 1.0)},
+    "skip-gru": {"timing": ("skip_lstm", {"cell": "gru"}), "sst2": "skip_gru_sst2", "knob": (0.05, 1.0)},
+    "jump": {"timing": None, "sst2": "lstm_jump_sst2", "knob": None},
+    "stop": {"timing": None, "sst2": "early_stop_lstm_sst2", "knob": (0.5, 1.0)},
+    "partial": {"timing": ("skim_lstm", {}), "sst2": "skim_lstm_sst2", "knob": (0.0, 1.0)},
+}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _work_fraction(out: Any) -> torch.Tensor:
+    """(B,) fraction of steps where the model did its main work (updates / tokens read)."""
+    d = out.decisions
+    key = "updates" if "updates" in d else "read"
+    return d[key].float().mean(1)
+
+
+def _batches(x: torch.Tensor, lengths: torch.Tensor, batch_size: int, *, padding: str, shuffle: bool,
+             generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Index batches of similar lengths (sorted, then shuffled as batches): little padding per batch."""
+    noise = torch.rand(len(lengths), generator=generator) if shuffle else torch.zeros(len(lengths))
+    order = torch.argsort(lengths.float() + noise, stable=True)
+    groups = list(torch.split(order, batch_size))
+    if shuffle:
+        groups = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+    return groups
+
+
+def _trim(x: torch.Tensor, lengths: torch.Tensor, *, padding: str) -> torch.Tensor:
+    n = max(1, int(lengths.max()))
+    return x[:, x.shape[1] - n:] if padding == "left" else x[:, :n]
+
+
+def train_text_model(model: torch.nn.Module, data: Any, *, epochs: int, batch_size: int = 64, lr: float = 2e-3,
+                     seed: int = 0, max_steps: int | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Adam on SST-2 with length-bucketed batches; the model's ``loss(out, y)`` if it has one, else CE + aux."""
+    from dynaneural.contract import set_train_progress
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    total = epochs * math.ceil(len(data.train_y) / batch_size)
+    if max_steps is not None:
+        total = min(total, max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
+    history, step = [], 0
+    loss_fn = getattr(model, "loss", None)
+    for epoch in range(epochs):
+        model.train()
+        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+        for idx in _batches(data.train_x, data.train_len, batch_size, padding=data.padding, shuffle=True,
+                            generator=gen):
+            xb = _trim(data.train_x[idx], data.train_len[idx], padding=data.padding)
+            yb = data.train_y[idx]
+            set_train_progress(model, step / max(total, 1))
+            out = model(xb)
+            logits = out if isinstance(out, torch.Tensor) else out.logits
+            loss = loss_fn(out, yb)["loss"] if callable(loss_fn) else F.cross_entropy(logits, yb)
+            for v in getattr(out, "aux_losses", {}).values():
+                loss = loss + v
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            step += 1
+            seen += len(yb)
+            loss_sum += float(loss) * len(yb)
+            if step >= total:
+                break
+        val = evaluate_text_model(model, data.val_x, data.val_y, data.val_len, padding=data.padding)
+        history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "val_acc": val["accuracy"],
+                        "seconds": time.perf_counter() - t0})
+        log(f"  epoch {epoch + 1}: loss {history[-1]['loss']:.4f} val_acc {val['accuracy']:.4f} "
+            f"({history[-1]['seconds']:.0f} s)")
+        if step >= total:
+            break
+    model.eval()
+    return history
+
+
+@torch.inference_mode()
+def evaluate_text_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor, *,
+                        padding: str, batch_size: int = 128, mode: str = "execute") -> dict[str, Any]:
+    """Accuracy, mean FLOPs, mean work fraction over length-bucketed batches (static nets: logits only)."""
+    was = model.training
+    model.eval()
+    correct, cost, work, batches = 0, 0.0, 0.0, []
+    for idx in _batches(x, lengths, batch_size, padding=padding, shuffle=False):
+        xb = _trim(x[idx], lengths[idx], padding=padding)
+        batches.append(xb)
+        out = model(xb, mode=mode) if hasattr(model, "all_on") else model(xb)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        correct += int((logits.argmax(-1) == y[idx]).sum())
+        if not isinstance(out, torch.Tensor):
+            cost += float(out.cost.sum())
+            work += float(_work_fraction(out).sum())
+    model.train(was)
+    n = len(y)
+    return {"accuracy": correct / n, "mean_flops": cost / n, "work_fraction": work / n, "batches": batches}
+
+
+def _time_batches(static_fn: Callable, dynamic_fn: Callable, batches: list[torch.Tensor], *, repeats: int
+                  ) -> dict[str, float]:
+    from dynaneural.bench.timing import compare
+
+    n = sum(b.shape[0] for b in batches)
+    with torch.inference_mode():
+        cmp = compare(lambda: [static_fn(b) for b in batches], lambda: [dynamic_fn(b) for b in batches],
+                      repeats=repeats, warmup=1)
+    return {"realized_speedup": cmp.speedup, "static_ms_per_sample": cmp.baseline_s * 1e3 / n,
+            "dynamic_ms_per_sample": cmp.candidate_s * 1e3 / n, "timed_samples": n}
+
+
+# ------------------------------------------------------------------------------------------------- timing
+def timing_rows(method: str, *, sizes: list[tuple[int, int, int, int]], target: float, repeats: int,
+                seed: int = 0, log: Callable[[str], None] = print) -> list[Any]:
+    """Untrained model, knob calibrated so that ``target`` of the steps do the full work; timed vs fused static."""
+    import dynaneural as dn
+    from dynaneural.bench.rows import SpeedupRow
+    from dynaneural.calibration import calibrate_knob
+    from dynaneural.compute.flops import static_flops
+
+    spec = METHODS[method]
+    if spec["timing"] is None:
+        log(f"  {method}: no synthetic timing (its savings depend on trained jump/stop policies); see sst2 rows")
+        return []
+    name, kw = spec["timing"]
+    rows = []
+    for batch, hidden, feat, steps in sizes:
+        torch.manual_seed(seed)
+        model = dn.create_model(name, input_size=feat, hidden_size=hidden, max_len=steps, **kw).eval()
+        gate = getattr(model, "gate", None) or model.policy
+        with torch.no_grad():  # spread the untrained policy's probabilities so samples take different paths
+            gate.weight.mul_(8.0 / max(float(gate.weight.norm()), 1e-6))
+        x = torch.randn(batch, steps, feat, generator=torch.Generator().manual_seed(seed))
+
+        def frac(knob: float, model: Any = model, x: torch.Tensor = x) -> float:
+            model.set_threshold(knob)
+            with torch.inference_mode():
+                return float(_work_fraction(model(x, mode="execute")).mean())
+
+        lo, hi = spec["knob"]
+        cal = calibrate_knob(mean_cost=frac, set_knob=model.set_threshold, budget=target, lo=lo, hi=hi,
+                             tol=0.02, iters=25)
+        static = model.to_static().eval()
+        with torch.inference_mode():
+            out = model(x, mode="execute")
+        full = static_flops(static, x[:1])
+        mean_flops = float(out.cost.mean())
+        t = _time_batches(static, lambda b, model=model: model(b, mode="execute"), [x], repeats=repeats)
+        theo = full / mean_flops
+        row = SpeedupRow(method=method, batch_size=batch, accuracy=math.nan, mean_flops=mean_flops,
+                         static_flops=full, theoretical_speedup=theo, realized_over_theoretical=t["realized_speedup"] / theo,
+                         budget=target, unit="work_fraction", achieved_budget=float(_work_fraction(out).mean()),
+                         budget_error=float(_work_fraction(out).mean()) - target, **t,
+                         extra={"kind": "timing", "hidden_size": hidden, "input_size": feat, "steps": steps,
+                                "knob": cal.knob, "skipped_fraction": 1 - float(_work_fraction(out).mean()),
+                                "baseline": f"fused nn.{'GRU' if kw.get('cell') == 'gru' else 'LSTM'}",
+                                "threads": torch.get_num_threads()})
+        log(f"  B={batch} H={hidden} F={feat} T={steps}: work {row.achieved_budget:.3f} theoretical "
+            f"{theo:.2f}x realized {row.realized_speedup:.2f}x")
+        rows.append(row)
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------- SST-2
+def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: int | None, repeats: int,
+              budgets: list[float], seed: int = 0, out_dir: Path | None = None,
+              log: Callable[[str], None] = print) -> list[Any]:
+    import dynaneural as dn
+    from dynaneural.bench.rows import SpeedupRow
+    from dynaneural.calibration import calibrate_knob
+    from dynaneural.data.sst2 import load_sst2
+    from dynaneural.temporal_wise.sequence.common import RecurrentBackbone, StaticRecurrentClassifier
+
+    data = load_sst2(data_dir=data_dir, train_limit=train_limit, seed=seed)
+    log(f"SST-2: {data.sizes}, vocabulary {data.vocab_size}")
+    model = dn.create_model(METHODS[method]["sst2"], vocab_size=data.vocab_size)
+    cell = "gru" if method == "skip-gru" else "lstm"
+    torch.manual_seed(seed)
+    base = StaticRecurrentClassifier(RecurrentBackbone(cell=cell, hidden_size=model.backbone.hidden_size,
+                                                       num_classes=2, vocab_size=data.vocab_size,
+                                                       embed_dim=model.backbone.feature_size))
+    log(f"training the full-reading {cell.upper()} ({epochs} epochs)")
+    base_hist = train_text_model(base, data, epochs=epochs, seed=seed, log=log)
+    log(f"training {METHODS[method]['sst2']} ({epochs} epochs)")
+    hist = train_text_model(model, data, epochs=epochs, seed=seed, log=log)
+    base_eval = evaluate_text_model(base, data.test_x, data.test_y, data.test_len, padding=data.padding)
+    step, head = model.backbone.step_flops, model.backbone.head_flops
+    static_flops = sum(b.shape[0] * (b.shape[1] * step + head) for b in base_eval["batches"]) / len(data.test_y)
+    if out_dir is not None:
+        from dynaneural.engine import save_model
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_model(model, out_dir / f"{method}.safetensors", extras={"history": hist})
+    rows = []
+    knob_points: list[float | None] = [None]
+    if METHODS[method]["knob"] is not None and budgets:
+        knob_points += budgets
+    for budget in knob_points:
+        cal_knob = None
+        if budget is not None:
+            lo, hi = METHODS[method]["knob"]
+
+            def frac(knob: float) -> float:
+                model.set_threshold(knob)
+                return evaluate_text_model(model, data.val_x, data.val_y, data.val_len,
+                                           padding=data.padding)["work_fraction"]
+
+            try:
+                cal = calibrate_knob(mean_cost=frac, set_knob=model.set_threshold, budget=budget, lo=lo, hi=hi,
+                                     tol=0.02, iters=20, current=model.threshold)
+                cal_knob = cal.knob
+            except ValueError as e:
+                log(f"  budget {budget}: {e}")
+                continue
+        ev = evaluate_text_model(model, data.test_x, data.test_y, data.test_len, padding=data.padding)
+        sim = evaluate_text_model(model, data.test_x, data.test_y, data.test_len, padding=data.padding,
+                                  mode="simulate")
+        t = _time_batches(base, lambda b: model(b, mode="execute"), ev["batches"], repeats=repeats)
+        theo = static_flops / ev["mean_flops"]
+        rows.append(SpeedupRow(
+            method=method, batch_size=128, accuracy=ev["accuracy"], static_accuracy=base_eval["accuracy"],
+            mean_flops=ev["mean_flops"], static_flops=static_flops, theoretical_speedup=theo,
+            realized_over_theoretical=t["realized_speedup"] / theo, budget=budget if budget is not None else math.nan,
+            unit="work_fraction", achieved_budget=ev["work_fraction"], **t,
+            extra={"kind": "sst2", "model": METHODS[method]["sst2"], "knob": cal_knob if cal_knob is not None else
+                   getattr(model, "threshold", None), "tokens_read" if method in ("jump", "stop") else
+                   "updated_fraction": ev["work_fraction"], "skipped_fraction": 1 - ev["work_fraction"],
+                   "simulate_accuracy": sim["accuracy"], "epochs": epochs, "train_limit": train_limit,
+                   "val_acc": hist[-1]["val_acc"], "static_val_acc": base_hist[-1]["val_acc"],
+                   "dataset": "sst2 (dev as test)"}))
+        log(f"  {method} budget {budget}: acc {ev['accuracy']:.4f} (full reading {base_eval['accuracy']:.4f}) "
+            f"work {ev['work_fraction']:.3f} theoretical {theo:.2f}x realized {t['realized_speedup']:.2f}x")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def _size(text: str) -> tuple[int, int, int, int]:
+    try:
+        b, h, f, t = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be BATCHxHIDDENxFEATURESxSTEPS, got {text!r}") from None
+    return b, h, f, t
+
+
+def cmd_bench_temporal(args: argparse.Namespace) -> int:
+    from dynaneural.bench.rows import format_rows, write_bench_json
+    from dynaneural.cli.main import _maybe_reexec_with_tuned_allocator
+
+    _maybe_reexec_with_tuned_allocator(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows: list[Any] = []
+    if not args.no_timing:
+        sizes = args.sizes or ([(64, 128, 128, 30)] if args.quick else
+                               [(256, 512, 128, 100), (256, 512, 512, 100), (64, 128, 128, 100), (64, 256, 128, 100),
+                                (64, 512, 128, 100), (256, 128, 128, 100), (256, 256, 128, 100)])
+        print(f"timing {args.method} at {args.target:.0%} work against the fused static net", flush=True)
+        rows += timing_rows(args.method, sizes=sizes, target=args.target, repeats=3 if args.quick else args.repeats)
+    if args.sst2:
+        rows += sst2_rows(args.method, data_dir=args.data_dir, epochs=1 if args.quick else args.epochs,
+                          train_limit=2000 if args.quick else args.train_limit, repeats=3 if args.quick else 5,
+                          budgets=args.budgets, out_dir=Path(args.out) if args.out else None)
+    print(format_rows(rows, ["method", "batch_size", "budget", "achieved_budget", "accuracy", "static_accuracy",
+                             "theoretical_speedup", "realized_speedup", "realized_over_theoretical"]))
+    if args.json:
+        path = write_bench_json(args.json, rows, family="temporal-sequence", method=args.method)
+        print(f"wrote {path}")
+    return 0
+
+
+def register(bsub: Any, *, common: Callable[[argparse.ArgumentParser], None],
+             data_opts: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = bsub.add_parser("temporal", help="sequence models (Skip RNN, LSTM-Jump, early stop, Skim-RNN): timing "
+                        "against fused nn.LSTM/GRU and SST-2 accuracy")
+    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--sizes", type=_size, nargs="+", default=None, help="timing sizes BATCHxHIDDENxFEATURESxSTEPS")
+    p.add_argument("--target", type=float, default=0.5, help="fraction of steps doing full work in timing rows")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--no-timing", action="store_true", help="skip the synthetic timing rows")
+    p.add_argument("--sst2", action="store_true", help="train on SST-2 and add accuracy rows")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--budgets", type=float, nargs="*", default=[],
+                   help="SST-2: also calibrate the knob to these work fractions on validation")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
+    p.add_argument("--quick", action="store_true", help="smoke-sized run")
+    p.add_argument("--json", default=None)
+    p.add_argument("--out", default=None, help="folder for checkpoints")
+    data_opts(p)
+    common(p)
+    p.set_defaults(fn=cmd_bench_temporal)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from dynaneural.cli.main import main
+
+    sys.exit(main(["bench", "temporal", *sys.argv[1:]]))

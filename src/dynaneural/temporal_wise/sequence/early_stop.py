@@ -1,0 +1,208 @@
+"""Early-stop reading: classify after every chunk of tokens and stop as soon as the answer is clear.
+
+Paper: K. Yu, Y. Liu, A. G. Schwing, J. Peng, "Fast and Accurate Text Classification: Skimming, Rereading and
+Early Stopping", ICLR 2018 Workshop (openreview ``ryZ8sz-Ab``); the stop rule follows the early-exit literature
+(BranchyNet, Teerapittayanon et al., ICPR 2016, arXiv:1709.01686): a shared classifier reads the LSTM state after
+each chunk of ``L`` tokens, and a sample stops at the first chunk whose exit score (max-softmax ``confidence``,
+``entropy`` or ``patience``, :mod:`dynaneural.policies.exit_rules`) reaches the threshold — the inference knob
+calibrated to a budget. The last chunk always answers.
+
+Training (:meth:`EarlyStopReader.loss`) averages the cross-entropy of every chunk's prediction (a multi-exit loss
+over time), so early states learn to answer. ``simulate`` runs the fused LSTM over the whole sequence and
+applies the stop decisions afterwards; ``execute`` runs the fused ``nn.LSTM`` chunk by chunk on the samples
+still reading only (compact batch carrying their state) — a stopped sample's remaining tokens are never read.
+Ledger parts: ``cell`` (tokens read), ``head`` (classifier evaluations, one per chunk read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from dynaneural.compute.ledger import CostLedger
+from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.execution import Mode, tree_index_select
+from dynaneural.outputs import DynamicOutput
+from dynaneural.policies import create_exit_rule
+from dynaneural.registry import register_model
+from dynaneural.temporal_wise.sequence.common import RecurrentBackbone, StaticRecurrentClassifier, check_sequence_batch
+
+__all__ = ["EarlyStopReader", "EarlyStopConfig", "EarlyStopOutput"]
+
+
+@dataclass(frozen=True)
+class EarlyStopConfig:
+    """Args:
+    hidden_size, num_classes, vocab_size, embed_dim, input_size, max_len: as for the other sequence models.
+    chunk: L, tokens read between stop decisions. rule: exit rule name. threshold: score needed to stop.
+    """
+
+    hidden_size: int = 128
+    num_classes: int = 2
+    vocab_size: int | None = None
+    embed_dim: int = 64
+    input_size: int | None = None
+    max_len: int = 48
+    chunk: int = 8
+    rule: str = "confidence"
+    threshold: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+
+
+@dataclass
+class EarlyStopOutput(DynamicOutput):
+    """``decisions``: ``read`` (B, T) bool, ``stop_chunk`` (B,) index of the chunk each sample stopped after.
+
+    Attributes:
+        chunk_logits: logits after every chunk, each (B, C) (train/simulate; None in execute mode).
+        chunk_scores: (B, J) exit scores (simulate).
+    """
+
+    chunk_logits: list[torch.Tensor] | None = None
+    chunk_scores: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class EarlyStopReader(DynamicModel):
+    """LSTM reader with a stop decision after every chunk; see the module docstring."""
+
+    def __init__(self, cfg: EarlyStopConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.backbone = RecurrentBackbone(cell="lstm", hidden_size=cfg.hidden_size, num_classes=cfg.num_classes,
+                                          vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim,
+                                          input_size=cfg.input_size)
+        self.rule = create_exit_rule(cfg.rule)
+        self.threshold = float(cfg.threshold)
+        self.num_classes = cfg.num_classes
+        if cfg.vocab_size is not None:
+            self.input_dtype, self.vocab_size = torch.long, cfg.vocab_size
+            self.input_shape = (cfg.max_len,)
+        else:
+            self.input_shape = (cfg.max_len, int(cfg.input_size))  # type: ignore[arg-type]
+        self._all_on = False
+
+    @contextlib.contextmanager
+    def all_on(self) -> Iterator[None]:
+        prev, self._all_on = self._all_on, True
+        try:
+            yield
+        finally:
+            self._all_on = prev
+
+    def to_static(self) -> StaticRecurrentClassifier:
+        return StaticRecurrentClassifier(self.backbone)
+
+    def set_threshold(self, threshold: float) -> None:
+        self.threshold = float(threshold)
+
+    def loss(self, out: EarlyStopOutput, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Mean cross-entropy over the chunk predictions (train mode), else of the final logits."""
+        logits = out.chunk_logits or [out.logits]
+        ce = torch.stack([F.cross_entropy(z, y) for z in logits]).mean()
+        return {"loss": ce, "final_ce": F.cross_entropy(logits[-1], y).detach()}
+
+    def _bounds(self, steps: int) -> list[tuple[int, int]]:
+        L = self.config.chunk
+        return [(j * L, min((j + 1) * L, steps)) for j in range(math.ceil(steps / L))]
+
+    def forward(self, x: torch.Tensor, *, mode: Mode | str | None = None) -> EarlyStopOutput:
+        mode = resolve_mode(self, mode)
+        x = check_sequence_batch(self, x)
+        bb = self.backbone
+        b, steps = x.shape[:2]
+        bounds = self._bounds(steps)
+        n_chunks = len(bounds)
+        chunk_logits = scores = None
+        if self._all_on:
+            _, (h, _) = bb.run_fused(bb.features(x))
+            logits = bb.head(h)
+            stop = torch.full((b,), n_chunks - 1, dtype=torch.long, device=x.device)
+            heads = torch.ones(b, dtype=torch.float64, device=x.device)
+        elif mode is Mode.EXECUTE:
+            logits, stop = self._execute(x, bounds)
+            heads = (stop + 1).to(torch.float64)
+        else:
+            out, _ = bb.run_fused(bb.features(x))  # (B, T, H): every state, then decide
+            chunk_logits = [bb.head(out[:, e - 1]) for _, e in bounds]
+            state = self.rule.init_state(b, x.device)
+            cols = []
+            for z in chunk_logits:
+                s, state = self.rule.score(z.detach(), state)
+                cols.append(s)
+            scores = torch.stack(cols, 1)  # (B, J)
+            ready = scores >= self.threshold
+            ready[:, -1] = True
+            stop = ready.long().argmax(1)  # first chunk ready
+            logits = torch.stack(chunk_logits, 1)[torch.arange(b, device=x.device), stop]
+            heads = (stop + 1).to(torch.float64)
+        ends = torch.tensor([e for _, e in bounds], device=x.device)
+        read = torch.arange(steps, device=x.device).unsqueeze(0) < ends[stop].unsqueeze(1)
+        ledger = CostLedger.zeros(b, device=x.device, track_parts=True)
+        ledger.charge(read.sum(1).to(torch.float64) * bb.step_flops, part="cell")
+        ledger.charge(heads * bb.head_flops, part="head")
+        return EarlyStopOutput(logits=logits, cost=ledger.flops, decisions={"read": read, "stop_chunk": stop},
+                               mode=mode, cost_by_part=ledger.by_part, chunk_logits=chunk_logits,
+                               chunk_scores=scores)
+
+    def _execute(self, x: torch.Tensor, bounds: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        bb = self.backbone
+        b = x.shape[0]
+        w = bb.head.weight
+        logits = torch.zeros(b, self.num_classes, dtype=w.dtype, device=x.device)
+        stop = torch.zeros(b, dtype=torch.long, device=x.device)
+        rows = torch.arange(b, device=x.device)
+        state = bb.zero_state(b, w)
+        rule_state = self.rule.init_state(b, x.device)
+        xr = x
+        for j, (s, e) in enumerate(bounds):
+            _, state = bb.run_fused(bb.features(xr[:, s:e]), state)  # fused LSTM over this chunk, reading rows only
+            z = bb.head(state[0])
+            if j == len(bounds) - 1:
+                logits.index_copy_(0, rows, z)
+                stop.index_fill_(0, rows, j)
+                break
+            score, rule_state = self.rule.score(z, rule_state)
+            done = score >= self.threshold
+            if bool(done.any()):
+                di = done.nonzero().squeeze(1)
+                logits.index_copy_(0, rows.index_select(0, di), z.index_select(0, di))
+                stop.index_fill_(0, rows.index_select(0, di), j)
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                rows, xr = rows.index_select(0, keep), xr.index_select(0, keep)
+                state = tree_index_select(state, keep)
+                rule_state = tree_index_select(rule_state, keep)
+        return logits, stop
+
+
+def _build(defaults: dict, overrides: dict) -> EarlyStopReader:
+    return EarlyStopReader(EarlyStopConfig(**{**defaults, **overrides}))
+
+
+@register_model
+def early_stop_lstm_sst2(*, vocab_size: int = 16384, hidden_size: int = 128, embed_dim: int = 128,
+                         max_len: int = 48, chunk: int = 4, rule: str = "confidence",
+                         threshold: float = 0.9) -> EarlyStopReader:
+    """Early-stop LSTM reader over SST-2 token ids (padding must be on the right so reading starts at the text)."""
+    return _build(dict(num_classes=2), dict(vocab_size=vocab_size, hidden_size=hidden_size, embed_dim=embed_dim,
+                                            max_len=max_len, chunk=chunk, rule=rule, threshold=threshold))
+
+
+@register_model
+def test_early_stop_lstm() -> EarlyStopReader:
+    """Tiny early-stop reader on token ids; a low confidence threshold so about half the samples stop early."""
+    m = _build({}, dict(vocab_size=40, embed_dim=8, hidden_size=16, num_classes=3, max_len=12, chunk=4,
+                        threshold=0.36))
+    with torch.no_grad():
+        m.backbone.head.weight.mul_(4.0)
+    return m
