@@ -145,7 +145,8 @@ def run_halting_bench(*, method: str, recipe_name: str | None = None, quick: boo
     rows: list[Any] = []
     not_reached: list[dict[str, Any]] = []
     if isinstance(model, AdaptiveComputationTime):
-        rows += _rows_for(model, static, method=method, setting=f"trained eps={model.eps:g}", knob=model.eps,
+        setting = f"trained eps={model.eps:g}" if model.max_steps > 1 else "one step, no halting"
+        rows += _rows_for(model, static, method=method, setting=setting, knob=model.eps,
                           budget=math.nan, data=data, batch_sizes=bs_list, timed=timed, repeats=repeats,
                           static_acc=static_acc, static_cost=static_cost, extra={**extra, "halting": "act"})
         trained_eps = model.eps

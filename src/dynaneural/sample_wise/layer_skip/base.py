@@ -117,7 +117,7 @@ class LayerSkipNetwork(DynamicModel):
         self.register_buffer("gate_threshold", torch.tensor(float(threshold)))
         self._force_on = False
         # Named _profiles so that fold_batch_norms (which resets that attribute) makes the ledger recount.
-        self._profiles: dict[str, SkipCosts] = {}
+        self._profiles: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------------------------------ method hooks
     @property
@@ -160,6 +160,13 @@ class LayerSkipNetwork(DynamicModel):
             self._profiles["flops"] = cached
         return cached
 
+    def _block_flops(self, costs: SkipCosts, device: torch.device) -> torch.Tensor:
+        vec = self._profiles.get(("block_vec", str(device)))  # type: ignore[call-overload]
+        if vec is None:
+            vec = torch.tensor(costs.net.blocks, dtype=torch.float64, device=device)
+            self._profiles[("block_vec", str(device))] = vec  # type: ignore[index]
+        return vec
+
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *, mode: Mode | str | None = None) -> LayerSkipOutput:
         mode = resolve_mode(self, mode)
@@ -172,42 +179,43 @@ class LayerSkipNetwork(DynamicModel):
         probs: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         samples: list[PolicySample] = []
-        expected = torch.full((b,), costs.net.stem + costs.net.head, device=dev)
+        train = mode is Mode.TRAIN
+        # Differentiable expected FLOPs under the gate probabilities (budget losses): train mode only.
+        expected = torch.full((b,), costs.net.stem + costs.net.head, device=dev) if train else None
 
         state, first_sample = None, None
         if not self._force_on:
             state, first_sample = self.begin(x, mode)
-            ledger.charge(costs.policy, part="policy")
-            expected = expected + costs.policy
+            ledger.charge(costs.policy + sum(costs.gates), part="decisions")  # every sample reaches every gate
         ledger.charge(costs.net.stem, part="stem")
         h = net.stem(x)
         k = 0
         for i, block in enumerate(net.blocks):
             if not self.gated[i] or self._force_on:
                 h = block(h)
-                ledger.charge(costs.net.blocks[i], part=f"block{i}")
-                expected = expected + costs.net.blocks[i]
+                if expected is not None:
+                    expected = expected + costs.net.blocks[i]
                 continue
             logit, state = self.gate_logit(k, h, state, mode)
             decision, sample = self.decide(k, logit, state, mode)
-            ledger.charge(costs.gates[k], part=f"gate{k}")
             run = decision.hard  # (B,) bool
             blocks_run[:, i] = run
             probs.append(decision.prob)
             values.append(decision.value)
             if sample is not None:
                 samples.append(sample)
-            expected = expected + costs.gates[k] + decision.prob * costs.net.blocks[i]
-            idx = rows_where(run)
-            if mode is Mode.TRAIN:
+            if expected is not None:
+                expected = expected + costs.gates[k] + decision.prob * costs.net.blocks[i]
+            if train:
                 v = decision.value.to(h.dtype).view(b, 1, 1, 1)
                 h = h + v * (block(h) - h)  # = block(h) where v = 1, h where v = 0; both get gradients
             elif mode is Mode.SIMULATE:
                 h = torch.where(run.view(b, 1, 1, 1), block(h), h)
             else:
-                h = run_rows(block, h, idx)  # only the rows that run the block are computed
-            ledger.charge(costs.net.blocks[i], idx, part=f"block{i}")
+                h = run_rows(block, h, rows_where(run))  # only the rows that run the block are computed
             k += 1
+        # Each sample pays for the blocks it ran: (B, L) bool @ (L,) FLOPs, one charge for all blocks.
+        ledger.charge(blocks_run.to(torch.float64) @ self._block_flops(costs, dev), part="blocks")
         logits = net.head(h)
         ledger.charge(costs.net.head, part="head")
         out = LayerSkipOutput(

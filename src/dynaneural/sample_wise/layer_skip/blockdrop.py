@@ -31,7 +31,7 @@ from torch import nn
 
 from dynaneural.execution import Mode
 from dynaneural.layers.blocks import ConvBNAct
-from dynaneural.layers.resnet import CifarResNet, CifarResNetConfig, ResNetCosts
+from dynaneural.layers.resnet import AvgPoolTo, CifarResNet, CifarResNetConfig, ResNetCosts
 from dynaneural.policies import Decision, PolicySample, ReinforceLoss, sample_bernoulli
 from dynaneural.registry import register_model
 from dynaneural.sample_wise.layer_skip.base import LayerSkipNetwork, LayerSkipOutput, module_flops
@@ -52,7 +52,7 @@ class BlockDropPolicy(nn.Module):
             layers.append(ConvBNAct(prev, w, stride=2))
             prev = w
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = AvgPoolTo(1)
         self.fc = nn.Linear(prev, num_gates)
         nn.init.constant_(self.fc.bias, init_bias)
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dynaneural.execution import Mode
-from dynaneural.layers.resnet import CifarResNet, CifarResNetConfig, ResNetCosts
+from dynaneural.layers.resnet import AvgPoolTo, CifarResNet, CifarResNetConfig, ResNetCosts
 from dynaneural.policies import BudgetLoss, Decision, PolicySample, TemperatureSchedule, binary_decision
 from dynaneural.registry import register_model
 from dynaneural.sample_wise.layer_skip.base import LayerSkipNetwork, LayerSkipOutput, module_flops
@@ -35,7 +35,7 @@ class AIGGate(nn.Module):
 
     def __init__(self, channels: int, *, hidden: int = 16, init_bias: float = 0.0) -> None:
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = AvgPoolTo(1)
         self.fc1 = nn.Linear(channels, hidden, bias=False)
         self.bn = nn.BatchNorm1d(hidden)
         self.act = nn.ReLU()

@@ -36,7 +36,7 @@ from torch import nn
 
 from dynaneural.execution import Mode
 from dynaneural.layers.blocks import ConvBNAct
-from dynaneural.layers.resnet import CifarResNet, CifarResNetConfig, ResNetCosts
+from dynaneural.layers.resnet import AvgPoolTo, CifarResNet, CifarResNetConfig, ResNetCosts
 from dynaneural.policies import (
     BudgetLoss,
     Decision,
@@ -56,7 +56,7 @@ class FeedforwardGate(nn.Module):
 
     def __init__(self, channels: int, *, pool: int = 2, init_bias: float = 0.0) -> None:
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.pool = AvgPoolTo(pool)
         self.conv = ConvBNAct(channels, channels)
         self.fc = nn.Linear(channels * pool * pool, 1)
         nn.init.constant_(self.fc.bias, init_bias)
@@ -70,7 +70,7 @@ class RecurrentGate(nn.Module):
 
     def __init__(self, channels: tuple[int, ...], *, hidden: int = 10, init_bias: float = 0.0) -> None:
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = AvgPoolTo(1)
         self.proj = nn.ModuleList(nn.Linear(c, hidden) for c in channels)
         self.cell = nn.LSTMCell(hidden, hidden)
         self.fc = nn.Linear(hidden, 1)

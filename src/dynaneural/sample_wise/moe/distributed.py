@@ -44,7 +44,7 @@ from torch import nn
 
 from dynaneural.sample_wise.moe.moe_layer import MoEFeedForward, Routing
 
-__all__ = ["ExpertParallelMoEFeedForward", "shard_experts", "expert_parameter_names", "EquivalenceReport",
+__all__ = ["ExpertParallelMoEFeedForward", "expert_group", "shard_experts", "expert_parameter_names", "EquivalenceReport",
            "check_expert_parallel_equivalence"]
 
 
@@ -53,7 +53,8 @@ def _world(group: Any) -> tuple[int, int]:
 
 
 class ExpertParallelMoEFeedForward(MoEFeedForward):
-    """An :class:`MoEFeedForward` whose experts are sharded over the ranks of ``group`` (see the module docstring).
+    """An :class:`MoEFeedForward` whose experts are sharded over the ranks of ``group`` (default:
+    :func:`expert_group`; see the module docstring).
 
     Build it from an unsharded layer with :meth:`from_layer` (every rank builds the same full layer from the same
     seed, then keeps its slice) or through :func:`shard_experts` for a whole model.
@@ -63,8 +64,8 @@ class ExpertParallelMoEFeedForward(MoEFeedForward):
         if not dist.is_initialized():
             raise RuntimeError("expert parallelism needs torch.distributed to be initialised "
                                "(torch.distributed.init_process_group, or run under torchrun)")
-        self.group = group
-        self.rank, self.world_size = _world(group)
+        self.group = group if group is not None else expert_group()
+        self.rank, self.world_size = _world(self.group)
         if num_experts % self.world_size:
             raise ValueError(f"{num_experts} experts do not split evenly over {self.world_size} ranks")
         super().__init__(dim, hidden, num_experts, **kwargs)
@@ -161,11 +162,31 @@ def _all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
     return t
 
 
+_EXPERT_GROUPS: dict[int, Any] = {}
+
+
+def expert_group() -> Any:
+    """The process group of the expert all-to-alls: all ranks, but a communicator of its own.
+
+    DDP all-reduces gradient buckets asynchronously *during* the backward pass, while the backward of the
+    all-to-alls issues its own collectives; on one shared communicator the two streams can interleave in a
+    different order on different ranks and deadlock. A separate group keeps each stream ordered.
+    Created once per default group (a collective call: every rank must reach it).
+    """
+    key = id(dist.group.WORLD)
+    if key not in _EXPERT_GROUPS:
+        _EXPERT_GROUPS[key] = dist.new_group(backend=dist.get_backend())
+    return _EXPERT_GROUPS[key]
+
+
 def shard_experts(model: nn.Module, *, group: Any = None) -> nn.Module:
     """Replace every :class:`MoEFeedForward` of ``model`` (in place) by this rank's expert-parallel shard.
 
-    Every rank must call it on an identical model (same seed). Returns ``model``.
+    Every rank must call it on an identical model (same seed). ``group`` defaults to :func:`expert_group`
+    (not the default group, which DDP uses). Returns ``model``.
     """
+    if group is None:
+        group = expert_group()
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, MoEFeedForward) and not isinstance(m, ExpertParallelMoEFeedForward)]
     for name, layer in targets:

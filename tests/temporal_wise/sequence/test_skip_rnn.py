@@ -1,0 +1,116 @@
+"""Skip RNN: the schedule, the paper's accumulated update probability, gradients, costs and the knob."""
+
+import math
+
+import pytest
+import torch
+
+import dynaneural as dn
+from dynaneural.temporal_wise.sequence.skip_rnn import SkipRNN, SkipRNNConfig, _execute_loop, steps_to_next_update
+
+
+def _x(model, n=16, seed=0):
+    return model.example_input(n, generator=torch.Generator().manual_seed(seed))
+
+
+def test_schedule_is_the_smallest_step_reaching_the_threshold():
+    p = torch.tensor([1.0, 0.5, 0.49, 0.26, 0.25, 0.1, 1e-9])
+    k = steps_to_next_update(p, 0.5, 100)
+    for pi, ki in zip(p.tolist(), k.tolist(), strict=True):
+        want = min(100, max(1, math.ceil(0.5 / pi)))
+        assert ki == want
+
+
+def test_decisions_follow_the_papers_recursion():
+    """Replay the paper's running sum ũ_{t+1} = ũ_t + min(p, 1 - ũ_t) from the simulated states."""
+    model = dn.create_model("test_skip_lstm").eval()
+    x = _x(model)
+    with torch.inference_mode():
+        out = model(x, mode="simulate")
+    upd = out.decisions["updates"]
+    assert upd[:, 0].all()  # ũ_1 = 1
+    # Between two updates, the number of skipped steps is constant given p: check ũ as reported is min(k·p, 1)
+    cum = out.update_prob
+    for b in range(x.shape[0]):
+        ts = upd[b].nonzero().squeeze(1).tolist()
+        for a, z in zip(ts, ts[1:], strict=False):
+            p = float(cum[b, a + 1])  # one step after an update, ũ = p
+            for t in range(a + 1, z + 1):
+                assert cum[b, t].item() == pytest.approx(min((t - a) * p, 1.0), rel=1e-5)
+            assert all(cum[b, t] < model.threshold for t in range(a + 1, z))
+            assert cum[b, z] >= model.threshold
+
+
+def test_execute_equals_eager_loop_and_simulate():
+    model = dn.create_model("test_skip_lstm").eval()
+    x = _x(model, 24)
+    with torch.inference_mode():
+        sim = model(x, mode="simulate")
+        model.script = False
+        eager = model(x, mode="execute")
+        model.script = True
+        scripted = model(x, mode="execute")
+    for out in (eager, scripted):
+        torch.testing.assert_close(out.decisions["updates"], sim.decisions["updates"])
+        torch.testing.assert_close(out.logits, sim.logits, rtol=1e-4, atol=1e-4)
+    assert 0.2 < float(sim.decisions["updates"].float().mean()) < 0.95
+
+
+def test_straight_through_gradient_reaches_the_gate_and_budget_loss():
+    model = dn.create_model("test_skip_gru").train()
+    out = model(_x(model), mode="train")
+    assert "budget" in out.aux_losses
+    (out.logits.sum() + out.aux_losses["budget"]).backward()
+    assert model.gate.weight.grad is not None and model.gate.weight.grad.abs().sum() > 0
+
+
+def test_cost_counts_only_steps_that_ran():
+    model = dn.create_model("test_skip_lstm").eval()
+    x = _x(model)
+    with torch.inference_mode():
+        out = model(x, mode="execute")
+    bb = model.backbone
+    upd = out.decisions["updates"]
+    want = upd.sum(1).double() * bb.step_flops + upd[:, :-1].sum(1).double() * bb.hidden_size + bb.head_flops
+    torch.testing.assert_close(out.cost, want, rtol=0, atol=0)
+    assert set(out.cost_by_part) == {"cell", "gate", "head"}
+
+
+def test_a_sample_that_never_updates_again_costs_one_step():
+    model = SkipRNN(SkipRNNConfig(input_size=4, hidden_size=8, num_classes=2, max_len=20, gate_bias=-100.0)).eval()
+    with torch.no_grad():
+        model.gate.weight.zero_()
+    x = torch.randn(3, 20, 4)
+    with torch.inference_mode():
+        out = model(x, mode="execute")
+    assert out.decisions["updates"].sum(1).tolist() == [1, 1, 1]
+    bb = model.backbone
+    assert out.cost.tolist() == [bb.step_flops + bb.hidden_size + bb.head_flops] * 3
+
+
+def test_threshold_knob_is_monotone():
+    model = dn.create_model("test_skip_lstm").eval()
+    x = _x(model, 32)
+    fracs = []
+    for th in (0.2, 0.5, 0.9):
+        model.set_threshold(th)
+        with torch.inference_mode():
+            fracs.append(float(model(x, mode="execute").decisions["updates"].float().mean()))
+    assert fracs[0] >= fracs[1] >= fracs[2] and fracs[0] > fracs[2]
+    with pytest.raises(ValueError):
+        model.set_threshold(0.0)
+
+
+def test_static_twin_is_the_fused_rnn():
+    model = dn.create_model("test_skip_gru")
+    static = model.to_static()
+    assert isinstance(static.rnn, torch.nn.GRU)
+    assert torch.equal(static.rnn.weight_hh_l0, model.backbone.rnn.weight_hh_l0)
+
+
+def test_loop_handles_single_step_sequences():
+    model = dn.create_model("test_skip_lstm").eval()
+    x = _x(model)[:, :1]
+    bb = model.backbone
+    h, upd = _execute_loop(x, bb.embed.weight, *bb.cell_weights(), model.gate.weight[0], model.gate.bias, 0.5, True)
+    assert upd.all() and h.shape == (x.shape[0], bb.hidden_size)
