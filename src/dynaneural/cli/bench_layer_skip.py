@@ -29,8 +29,10 @@ def cmd_bench_layer_skip(args: argparse.Namespace) -> int:
         recipe = recipe.quick_variant()
     if recipe.dataset != args.dataset:
         raise SystemExit(f"recipe {recipe.name} is for dataset {recipe.dataset}, not {args.dataset}")
-    out = Path(args.out or f"runs/bench-{recipe.name}{'-quick' if args.quick else ''}")
-    log = (lambda s: None) if args.no_progress else (lambda s: print(s, flush=True))
+    out = Path(args.out or f"runs/bench-{recipe.name}")
+    def log(line: str) -> None:  # one line per stage (training runs without progress bars)
+        print(line, flush=True)
+
     result = run_layer_skip_bench(recipe, method=args.method, out_dir=out, data_dir=args.data_dir, log=log)
     rows = result["rows"]
     cols = ["method", "budget", "batch_size", "accuracy", "static_accuracy", "accuracy_loss_pp", "mean_flops",

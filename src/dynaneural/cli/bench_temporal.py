@@ -94,7 +94,7 @@ def train_text_model(model: torch.nn.Module, data: Any, *, epochs: int, batch_si
             sched.step()
             step += 1
             seen += len(yb)
-            loss_sum += float(loss) * len(yb)
+            loss_sum += float(loss.detach()) * len(yb)
             if step >= total:
                 break
         val = evaluate_text_model(model, data.val_x, data.val_y, data.val_len, padding=data.padding)
@@ -195,7 +195,8 @@ def timing_rows(method: str, *, sizes: list[tuple[int, int, int, int]], target: 
 
 # -------------------------------------------------------------------------------------------------- SST-2
 def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: int | None, repeats: int,
-              budgets: list[float], seed: int = 0, out_dir: Path | None = None,
+              budgets: list[float], seed: int = 0, out_dir: Path | None = None, model_name: str | None = None,
+              model_kwargs: dict[str, Any] | None = None, batch_size: int = 64, lr: float = 2e-3,
               log: Callable[[str], None] = print) -> list[Any]:
     import dynaneural as dn
     from dynaneural.bench.rows import SpeedupRow
@@ -205,16 +206,17 @@ def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: in
 
     data = load_sst2(data_dir=data_dir, train_limit=train_limit, seed=seed)
     log(f"SST-2: {data.sizes}, vocabulary {data.vocab_size}")
-    model = dn.create_model(METHODS[method]["sst2"], vocab_size=data.vocab_size)
+    model_name = model_name or METHODS[method]["sst2"]
+    model = dn.create_model(model_name, vocab_size=data.vocab_size, **(model_kwargs or {}))
     cell = "gru" if method == "skip-gru" else "lstm"
     torch.manual_seed(seed)
     base = StaticRecurrentClassifier(RecurrentBackbone(cell=cell, hidden_size=model.backbone.hidden_size,
                                                        num_classes=2, vocab_size=data.vocab_size,
                                                        embed_dim=model.backbone.feature_size))
     log(f"training the full-reading {cell.upper()} ({epochs} epochs)")
-    base_hist = train_text_model(base, data, epochs=epochs, seed=seed, log=log)
-    log(f"training {METHODS[method]['sst2']} ({epochs} epochs)")
-    hist = train_text_model(model, data, epochs=epochs, seed=seed, log=log)
+    base_hist = train_text_model(base, data, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, log=log)
+    log(f"training {model_name} ({epochs} epochs)")
+    hist = train_text_model(model, data, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, log=log)
     base_eval = evaluate_text_model(base, data.test_x, data.test_y, data.test_len, padding=data.padding)
     step, head = model.backbone.step_flops, model.backbone.head_flops
     static_flops = sum(b.shape[0] * (b.shape[1] * step + head) for b in base_eval["batches"]) / len(data.test_y)
@@ -223,6 +225,8 @@ def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: in
 
         out_dir.mkdir(parents=True, exist_ok=True)
         save_model(model, out_dir / f"{method}.safetensors", extras={"history": hist})
+    if out_dir is not None:
+        _timeline_png(model, data, out_dir / f"timelines_{method}.png", title=f"{model_name} on SST-2 dev")
     rows = []
     knob_points: list[float | None] = [None]
     if METHODS[method]["knob"] is not None and budgets:
@@ -254,7 +258,7 @@ def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: in
             mean_flops=ev["mean_flops"], static_flops=static_flops, theoretical_speedup=theo,
             realized_over_theoretical=t["realized_speedup"] / theo, budget=budget if budget is not None else math.nan,
             unit="work_fraction", achieved_budget=ev["work_fraction"], **t,
-            extra={"kind": "sst2", "model": METHODS[method]["sst2"], "knob": cal_knob if cal_knob is not None else
+            extra={"kind": "sst2", "model": model_name, "knob": cal_knob if cal_knob is not None else
                    getattr(model, "threshold", None), "tokens_read" if method in ("jump", "stop") else
                    "updated_fraction": ev["work_fraction"], "skipped_fraction": 1 - ev["work_fraction"],
                    "simulate_accuracy": sim["accuracy"], "epochs": epochs, "train_limit": train_limit,
@@ -263,6 +267,20 @@ def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: in
         log(f"  {method} budget {budget}: acc {ev['accuracy']:.4f} (full reading {base_eval['accuracy']:.4f}) "
             f"work {ev['work_fraction']:.3f} theoretical {theo:.2f}x realized {t['realized_speedup']:.2f}x")
     return rows
+
+
+def _timeline_png(model: Any, data: Any, path: Path, *, title: str, n: int = 12) -> Path:
+    """What the trained model read on the first ``n`` dev sentences (trimmed to the longest)."""
+    from dynaneural.temporal_wise.sequence.visualize import plot_timelines, timeline_codes
+
+    x = _trim(data.test_x[:n], data.test_len[:n], padding=data.padding)
+    with torch.inference_mode():
+        out = model.eval()(x, mode="execute")
+    codes = timeline_codes(out, x, skip_code=5 if "updates" in out.decisions and hasattr(model, "small") else 2)
+    tokens = [[data.vocab.itos[int(t)] if int(t) else "" for t in row] for row in x]
+    labels = [f"{data.classes[int(y)][:3]}→{data.classes[int(p)][:3]}" for y, p in
+              zip(data.test_y[:n], out.logits.argmax(-1), strict=True)]
+    return plot_timelines(codes, path, tokens=tokens, row_labels=labels, title=title)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -277,25 +295,35 @@ def _size(text: str) -> tuple[int, int, int, int]:
 def cmd_bench_temporal(args: argparse.Namespace) -> int:
     from dynaneural.bench.rows import format_rows, write_bench_json
     from dynaneural.cli.main import _maybe_reexec_with_tuned_allocator
+    from dynaneural.recipes import load_recipe
 
     _maybe_reexec_with_tuned_allocator(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe or f"temporal_sequence_{args.method.replace('-', '_')}")
+    if args.quick:
+        recipe = recipe.quick_variant()
+    opts = recipe.options
+    threads = args.threads or opts.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
     rows: list[Any] = []
+    target = args.target if args.target is not None else float(opts.get("target", 0.5))
     if not args.no_timing:
-        sizes = args.sizes or ([(64, 128, 128, 30)] if args.quick else
-                               [(256, 512, 128, 100), (256, 512, 512, 100), (64, 128, 128, 100), (64, 256, 128, 100),
-                                (64, 512, 128, 100), (256, 128, 128, 100), (256, 256, 128, 100)])
-        print(f"timing {args.method} at {args.target:.0%} work against the fused static net", flush=True)
-        rows += timing_rows(args.method, sizes=sizes, target=args.target, repeats=3 if args.quick else args.repeats)
+        sizes = args.sizes or [tuple(int(v) for v in sz) for sz in opts.get("timing_sizes", [])]
+        print(f"timing {args.method} at {target:.0%} work against the fused static net", flush=True)
+        rows += timing_rows(args.method, sizes=sizes, target=target, repeats=recipe.bench.repeats)
     if args.sst2:
-        rows += sst2_rows(args.method, data_dir=args.data_dir, epochs=1 if args.quick else args.epochs,
-                          train_limit=2000 if args.quick else args.train_limit, repeats=3 if args.quick else 5,
-                          budgets=args.budgets, out_dir=Path(args.out) if args.out else None)
+        train = recipe.train
+        rows += sst2_rows(args.method, data_dir=args.data_dir, epochs=args.epochs or int(train.get("epochs", 3)),
+                          train_limit=args.train_limit or recipe.data.get("train_limit"),
+                          repeats=recipe.bench.repeats, budgets=list(recipe.calibration.budgets),
+                          out_dir=Path(args.out) if args.out else None, model_name=recipe.model,
+                          model_kwargs=recipe.model_kwargs, batch_size=int(train.get("batch_size", 64)),
+                          lr=float(train.get("lr", 2e-3)), seed=int(train.get("seed", 0)))
     print(format_rows(rows, ["method", "batch_size", "budget", "achieved_budget", "accuracy", "static_accuracy",
                              "theoretical_speedup", "realized_speedup", "realized_over_theoretical"]))
     if args.json:
-        path = write_bench_json(args.json, rows, family="temporal-sequence", method=args.method)
+        path = write_bench_json(args.json, rows, family="temporal-sequence", method=args.method,
+                                recipe=recipe.name)
         print(f"wrote {path}")
     return 0
 
@@ -305,15 +333,13 @@ def register(bsub: Any, *, common: Callable[[argparse.ArgumentParser], None],
     p = bsub.add_parser("temporal", help="sequence models (Skip RNN, LSTM-Jump, early stop, Skim-RNN): timing "
                         "against fused nn.LSTM/GRU and SST-2 accuracy")
     p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--recipe", default=None, help="default: temporal_sequence_<method> (see `dynaneural recipes`)")
     p.add_argument("--sizes", type=_size, nargs="+", default=None, help="timing sizes BATCHxHIDDENxFEATURESxSTEPS")
-    p.add_argument("--target", type=float, default=0.5, help="fraction of steps doing full work in timing rows")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--target", type=float, default=None, help="fraction of steps doing full work (timing rows)")
     p.add_argument("--no-timing", action="store_true", help="skip the synthetic timing rows")
     p.add_argument("--sst2", action="store_true", help="train on SST-2 and add accuracy rows")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--train-limit", type=int, default=None)
-    p.add_argument("--budgets", type=float, nargs="*", default=[],
-                   help="SST-2: also calibrate the knob to these work fractions on validation")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
     p.add_argument("--quick", action="store_true", help="smoke-sized run")
     p.add_argument("--json", default=None)

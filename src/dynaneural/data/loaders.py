@@ -209,6 +209,13 @@ def _load_parity(**kwargs: object) -> DatasetSplits:
     return load_parity(**kwargs)  # type: ignore[arg-type]
 
 
+def _load_sst2(**kwargs: object) -> DatasetSplits:
+    # Token ids, not images: returns dynaneural.data.sst2.TextSplits (same split attributes, int64 inputs).
+    from dynaneural.data.sst2 import load_sst2
+
+    return load_sst2(**kwargs)  # type: ignore[arg-type, return-value]
+
+
 _LOADERS: dict[str, Callable[..., DatasetSplits]] = {
     "parity": _load_parity,
     "digits": load_digits,
@@ -216,6 +223,7 @@ _LOADERS: dict[str, Callable[..., DatasetSplits]] = {
     "fashion-mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
     "fsdd": load_fsdd,
+    "sst2": _load_sst2,
 }
 
 

@@ -190,8 +190,9 @@ class MoEFeedForward(nn.Module):
         router_jitter: Switch multiplicative jitter on the router input in train mode (0 = off).
         balance_coef: weight of the load-balancing loss (Switch: 1e-2).
         z_coef: weight of the router z-loss (ST-MoE: 1e-3).
-        row_block: rows per matrix product at inference (keeps the (rows, 2f) intermediate in cache; None = a
-            whole expert slice at once).
+        row_block: rows per matrix product and per intra-op thread at inference (a block of
+            ``row_block · threads`` rows keeps the (rows, 2f) intermediate in cache while giving each thread a
+            useful share; None = a whole expert slice at once).
     """
 
     def __init__(self, dim: int, hidden: int, num_experts: int, *, top_k: int = 2, routing: RoutingKind = "top_k",
@@ -410,7 +411,7 @@ class MoEFeedForward(nn.Module):
     def _run_experts_inference(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         ys = torch.empty(xs.shape[0], self.dim, dtype=xs.dtype, device=xs.device)
         f = self.hidden
-        block = self.row_block or max(counts, default=1)
+        block = self.row_block * torch.get_num_threads() if self.row_block else max(counts, default=1)
         buf = torch.empty(min(block, max(max(counts, default=1), 1)), 2 * f, dtype=xs.dtype, device=xs.device)
         start = 0
         for e, c in enumerate(counts):

@@ -365,7 +365,7 @@ class RaggedLayout:
 
 
 #: rows per length bucket in ragged attention (see :func:`ragged_attention`); 0 disables bucketing.
-BUCKET_ROWS = 16
+BUCKET_ROWS = 0
 
 
 def _length_buckets(layout: RaggedLayout, rows_per_bucket: int) -> list[tuple[torch.Tensor, RaggedLayout]]:

@@ -1,0 +1,84 @@
+"""The layer-skip benchmark pipeline end to end on a tiny synthetic dataset (the real runs are benchmarks)."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dynaneural.bench.rows import SpeedupRow, write_bench_json
+from dynaneural.recipes import Recipe, list_recipes, load_recipe
+from dynaneural.sample_wise.layer_skip import bench
+
+
+def _tiny_data():
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        y = torch.arange(n) % 4
+        x = torch.randn(n, 3, 8, 8, generator=g) + y.view(n, 1, 1, 1).float()  # learnable: the mean encodes y
+        return x, y
+
+    (tx, ty), (vx, vy), (sx, sy) = split(128), split(64), split(64)
+    return SimpleNamespace(train_x=tx, train_y=ty, val_x=vx, val_y=vy, test_x=sx, test_y=sy, num_classes=4,
+                           classes=("a", "b", "c", "d"))
+
+
+@pytest.mark.parametrize("method", ["blockdrop", "aig", "skipnet"])
+def test_pipeline_writes_speedup_rows_and_plots(method, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "load_dataset", lambda *a, **k: _tiny_data())
+    arch = {"widths": [4, 8, 8], "blocks_per_stage": 2, "in_chans": 3, "input_size": 8, "num_classes": 4}
+    recipe = Recipe.from_dict({
+        "name": f"tiny_{method}", "model": bench.METHOD_MODELS[method], "dataset": "cifar10", "model_kwargs": arch,
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.01, "device": "cpu"},
+        "calibration": {"budgets": [0.8, 0.01]},  # 0.01 is out of reach: skipped with a message, not a crash
+        "bench": {"batch_sizes": [16], "repeats": 1, "timed_samples": 32},
+        "options": {"backbone_dir": str(tmp_path / "cache"), "calibration_iters": 10, "calibration_tol": 0.05,
+                    "backbone_train": {"epochs": 1, "batch_size": 32, "lr": 0.05, "device": "cpu"},
+                    "policy": {"epochs": 1, "batch_size": 32}, "rl": {"epochs": 1}}})
+    lines = []
+    res = bench.run_layer_skip_bench(recipe, method=method, out_dir=tmp_path / "out", log=lines.append)
+    rows = res["rows"]
+    assert len(rows) == 1 and isinstance(rows[0], SpeedupRow)
+    d = rows[0].to_dict()
+    for key in ("accuracy", "static_accuracy", "mean_flops", "static_flops", "theoretical_speedup",
+                "realized_speedup", "realized_over_theoretical", "blocks_executed_fraction", "gate_threshold"):
+        assert key in d
+    assert d["achieved_budget"] == pytest.approx(d["mean_flops"] / d["static_flops"])
+    assert d["theoretical_speedup"] == pytest.approx(d["static_flops"] / d["mean_flops"])
+    assert 0 < d["blocks_executed_fraction"] <= 1
+    assert (tmp_path / "out" / f"block_usage_{method}_0.8.png").is_file()
+    assert any("out of range" in line for line in lines)
+    # the backbone is cached and reused by the next run
+    assert any("training ResNet" in line for line in lines)
+    lines.clear()
+    bench.pretrained_backbone({k: v for k, v in arch.items()}, recipe.options["backbone_train"], _tiny_data(),
+                              dataset="cifar10", cache_dir=tmp_path / "cache", log=lines.append)
+    assert any("loaded" in line for line in lines)
+    path = write_bench_json(tmp_path / "rows.json", rows, method=method)
+    assert json.loads(path.read_text())["rows"][0]["method"] == method
+
+
+def test_method_and_recipe_must_agree():
+    recipe = load_recipe("layer_skip_aig_cifar10")
+    with pytest.raises(ValueError, match="not blockdrop_resnet"):
+        bench.run_layer_skip_bench(recipe, method="blockdrop", out_dir="/tmp/unused")
+    with pytest.raises(ValueError, match="unknown method"):
+        bench.run_layer_skip_bench(recipe, method="dropout", out_dir="/tmp/unused")
+
+
+def test_shipped_layer_skip_recipes_parse_with_quick_variants():
+    names = [n for n in list_recipes() if n.startswith("layer_skip_")]
+    assert {f"layer_skip_{m}_{d}" for m in ("skipnet", "aig", "blockdrop") for d in ("cifar10", "mnist")} <= set(names)
+    for n in names:
+        r = load_recipe(n)
+        q = r.quick_variant()
+        assert r.model == bench.METHOD_MODELS[n.split("_")[2]]
+        assert q.data.get("train_limit") and q.calibration.budgets
+
+
+def test_cli_parser_has_layer_skip():
+    from dynaneural.cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", "layer-skip", "--method", "aig", "--quick", "--json", "x.json"])
+    assert args.method == "aig" and args.quick and args.dataset == "cifar10"
