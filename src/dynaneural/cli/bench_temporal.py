@@ -213,8 +213,25 @@ def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: in
     base = StaticRecurrentClassifier(RecurrentBackbone(cell=cell, hidden_size=model.backbone.hidden_size,
                                                        num_classes=2, vocab_size=data.vocab_size,
                                                        embed_dim=model.backbone.feature_size))
-    log(f"training the full-reading {cell.upper()} ({epochs} epochs)")
-    base_hist = train_text_model(base, data, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, log=log)
+    cache = None
+    if out_dir is not None:  # the full-reading baseline is the same for every method: train it once per setting
+        cache = out_dir / (f"full_{cell}_h{model.backbone.hidden_size}_e{model.backbone.feature_size}_ep{epochs}"
+                           f"_n{len(data.train_y)}_v{data.vocab_size}_s{seed}.safetensors")
+    if cache is not None and cache.is_file():
+        from safetensors.torch import load_file
+
+        base.load_state_dict(load_file(str(cache)))
+        base_hist = [{"val_acc": evaluate_text_model(base, data.val_x, data.val_y, data.val_len,
+                                                     padding=data.padding)["accuracy"]}]
+        log(f"loaded the full-reading {cell.upper()} from {cache}")
+    else:
+        log(f"training the full-reading {cell.upper()} ({epochs} epochs)")
+        base_hist = train_text_model(base, data, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, log=log)
+        if cache is not None:
+            from safetensors.torch import save_file
+
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(cache))
     log(f"training {model_name} ({epochs} epochs)")
     hist = train_text_model(model, data, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, log=log)
     base_eval = evaluate_text_model(base, data.test_x, data.test_y, data.test_len, padding=data.padding)

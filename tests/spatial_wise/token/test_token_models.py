@@ -6,7 +6,7 @@ import torch
 
 import dynaneural as dn
 from dynaneural.compute.flops import static_flops
-from dynaneural.spatial_wise.token.vit import RaggedLayout, ViTConfig, ViTCost, VisionTransformer, ragged_block
+from dynaneural.spatial_wise.token.vit import RaggedLayout, VisionTransformer, ViTConfig, ViTCost, ragged_block
 
 
 @pytest.mark.parametrize("cfg", [ViTConfig(dim=16, depth=2, heads=2), ViTConfig(in_chans=3, img_size=32, dim=24,

@@ -42,9 +42,9 @@ from dynaneural.outputs import DynamicOutput
 from dynaneural.registry import register_model
 from dynaneural.spatial_wise.token.vit import (
     RaggedLayout,
+    VisionTransformer,
     ViTConfig,
     ViTCost,
-    VisionTransformer,
     calibrate_token_knob,
     check_images,
     ragged_block,

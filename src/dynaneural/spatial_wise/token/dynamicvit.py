@@ -44,9 +44,9 @@ from dynaneural.policies import BudgetLoss, TemperatureSchedule, binary_decision
 from dynaneural.registry import register_model
 from dynaneural.spatial_wise.token.vit import (
     RaggedLayout,
+    VisionTransformer,
     ViTConfig,
     ViTCost,
-    VisionTransformer,
     calibrate_token_knob,
     check_images,
     ragged_block,

@@ -1,0 +1,47 @@
+"""The sequence bench: CLI parsing, timing rows on a tiny size, the SST-2 training/eval helpers on toy data."""
+
+import math
+from types import SimpleNamespace
+
+import torch
+
+import dynaneural as dn
+from dynaneural.cli.bench_temporal import METHODS, evaluate_text_model, timing_rows, train_text_model
+from dynaneural.cli.main import build_parser
+
+
+def test_cli_parses_every_method():
+    for method in METHODS:
+        args = build_parser().parse_args(["bench", "temporal", "--method", method, "--no-timing",
+                                          "--sizes", "8x16x4x10"])
+        assert args.method == method and args.sizes == [(8, 16, 4, 10)]
+
+
+def test_timing_row_meets_the_work_target_and_has_shared_keys():
+    rows = timing_rows("skip-lstm", sizes=[(16, 16, 4, 12)], target=0.5, repeats=1, log=lambda s: None)
+    d = rows[0].to_dict()
+    assert abs(d["achieved_budget"] - 0.5) < 0.1
+    assert math.isclose(d["skipped_fraction"], 1 - d["achieved_budget"])
+    for key in ("theoretical_speedup", "realized_speedup", "realized_over_theoretical", "static_flops"):
+        assert d[key] > 0
+
+
+def _toy(n=96, steps=10, vocab=30):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(2, vocab, (n, steps), generator=g)
+    y = (x[:, -1] > vocab // 2).long()  # the label is in the last token
+    lengths = torch.full((n,), steps)
+    return SimpleNamespace(train_x=x, train_y=y, train_len=lengths, val_x=x[:32], val_y=y[:32], val_len=lengths[:32],
+                           padding="left")
+
+
+def test_train_and_evaluate_helpers_run_every_model_kind():
+    data = _toy()
+    for name in ("test_skip_lstm", "test_lstm_jump", "test_early_stop_lstm"):
+        model = dn.create_model(name)
+        model.backbone.head = torch.nn.Linear(model.backbone.hidden_size, 2)
+        model.num_classes = 2
+        hist = train_text_model(model, data, epochs=1, batch_size=32, log=lambda s: None)
+        assert len(hist) == 1 and math.isfinite(hist[0]["loss"])
+        ev = evaluate_text_model(model, data.val_x, data.val_y, data.val_len, padding="left")
+        assert 0 <= ev["accuracy"] <= 1 and 0 < ev["work_fraction"] <= 1 and ev["mean_flops"] > 0
