@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,7 @@ from dynaneural.contract import DynamicModel, resolve_mode
 from dynaneural.execution import Mode, rows_where, run_rows
 from dynaneural.layers.resnet import CifarResNet, ResNetCosts, block_costs
 from dynaneural.outputs import DynamicOutput
-from dynaneural.policies import Decision, PolicySample, binary_decision
+from dynaneural.policies import Decision, PolicySample
 from dynaneural.validation import check_batch
 
 __all__ = ["LayerSkipNetwork", "LayerSkipOutput", "SkipCosts", "block_usage_by_class", "module_flops",
@@ -136,7 +137,22 @@ class LayerSkipNetwork(DynamicModel):
     def decide(self, k: int, logit: torch.Tensor, state: Any, mode: Mode) -> tuple[Decision, PolicySample | None]:
         """Turn gate k's logits (B,) into a decision: the hard threshold outside train mode (this default), the
         method's relaxation or a REINFORCE sample in train mode (subclasses)."""
-        return binary_decision(logit, training=False, threshold=float(self.gate_threshold)), None
+        return self.threshold_decision(logit), None
+
+    def logit_cut(self) -> float:
+        """The inference threshold as a logit: "run" where ``logit ≥ cut`` ⇔ ``sigmoid(logit) ≥ threshold``.
+
+        Comparing logits rather than probabilities keeps the knob effective when a trained gate saturates (a
+        float32 sigmoid returns exactly 1.0 above logit ≈ 17, and ``p ≥ 1.0`` would then ignore the threshold),
+        so calibration can reach every budget between "only the forced blocks" (threshold 1) and "all" (0).
+        """
+        t = float(self.gate_threshold)
+        return math.inf if t >= 1.0 else -math.inf if t <= 0.0 else math.log(t / (1.0 - t))
+
+    def threshold_decision(self, logit: torch.Tensor) -> Decision:
+        """The hard inference decision (B,) of logits (B,) at the calibrated threshold."""
+        hard = logit >= self.logit_cut()
+        return Decision(hard=hard, value=hard.to(logit.dtype), prob=torch.sigmoid(logit))
 
     def decision_costs(self, net: ResNetCosts) -> tuple[float, tuple[float, ...]]:
         """FLOPs per sample of (the policy run once, each of the G gates); ``net.block_inputs`` gives the shape

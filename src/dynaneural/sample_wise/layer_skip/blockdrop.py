@@ -101,7 +101,7 @@ class BlockDrop(LayerSkipNetwork):
             sample = sample_bernoulli(logits, exploration=self.exploration)
             actions = sample.actions
         else:
-            actions = (prob >= self.gate_threshold).to(logits.dtype)
+            actions = (logits >= self.logit_cut()).to(logits.dtype)  # = prob >= threshold, saturation-safe
         return (logits, prob, actions), sample
 
     def gate_logit(self, k: int, h: torch.Tensor, state: Any, mode: Mode) -> tuple[torch.Tensor, Any]:

@@ -78,7 +78,7 @@ class ConvNetAIG(LayerSkipNetwork):
     def decide(self, k: int, logit: torch.Tensor, state: Any, mode: Mode) -> tuple[Decision, PolicySample | None]:
         if mode is Mode.TRAIN:
             return binary_decision(logit, training=True, relaxation="gumbel", tau=self.tau), None
-        return binary_decision(logit, training=False, threshold=float(self.gate_threshold)), None
+        return self.threshold_decision(logit), None
 
     def decision_costs(self, net: ResNetCosts) -> tuple[float, tuple[float, ...]]:
         shapes = [net.block_inputs[i] for i in self.gate_blocks]

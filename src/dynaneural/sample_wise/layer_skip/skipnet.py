@@ -132,7 +132,7 @@ class SkipNet(LayerSkipNetwork):
 
     def decide(self, k: int, logit: torch.Tensor, state: Any, mode: Mode) -> tuple[Decision, PolicySample | None]:
         if mode is not Mode.TRAIN:
-            return binary_decision(logit, training=False, threshold=float(self.gate_threshold)), None
+            return self.threshold_decision(logit), None
         if self.phase == "supervised":
             return binary_decision(logit, training=True, relaxation="straight_through", threshold=0.5), None
         s = sample_bernoulli(logit, exploration=self.exploration)
