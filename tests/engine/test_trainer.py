@@ -221,3 +221,16 @@ def test_channels_last_training_returns_a_default_format_model():
                                                           channels_last=True))
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous()
+
+
+def test_trains_a_token_model_on_integer_ids():
+    """Sequence models take int64 token ids; the loop accepts them and learns a trivial rule (first token)."""
+    model = dn.create_model("test_skip_lstm")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, model.vocab_size, (256, *model.input_shape), generator=g)
+    y = (x[:, -1] % 2).long()
+    res = train(model, train_x=x, train_y=y, config=TrainConfig(epochs=3, batch_size=32, lr=0.01, optimizer="adamw",
+                                                               progress=False))
+    assert math.isfinite(res.history[-1]["train_loss"])
+    with pytest.raises(TypeError, match="token ids"):
+        train(model, train_x=x.to(torch.uint8), train_y=y, config=TrainConfig(epochs=1, progress=False))

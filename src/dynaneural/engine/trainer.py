@@ -583,8 +583,9 @@ def _check_data(x: Any, y: Any, x_name: str, y_name: str) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"{x_name} and {y_name} must be torch tensors, got {type(x).__name__} and "
                         f"{type(y).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{x_name} must be a floating-point tensor, got dtype {x.dtype}")
+    if not x.is_floating_point() and x.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{x_name} must be a floating-point tensor (or int64 token ids for a sequence model), "
+                        f"got dtype {x.dtype}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise TypeError(f"{y_name} must hold integer class indices, got dtype {y.dtype}")
     if y.dim() != 1:
