@@ -1,8 +1,10 @@
 """The command line, end to end on the embedded digits (quick variants; no allocator re-exec inside pytest)."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from dynaneural.cli.main import main
 from dynaneural.recipes import Recipe, list_recipes, load_recipe
@@ -74,3 +76,17 @@ def test_bad_inputs_give_one_line_errors(demo_run, tmp_path, capsys):
 def test_models_lists_registry(capsys):
     assert main(["models", "test_*"]) == 0
     assert "test_exit_convnet" in capsys.readouterr().out.split()
+
+
+@pytest.mark.parametrize("kind,model_name", [("kept-tokens", "test_dynamicvit"), ("regions", "test_gfnet"),
+                                             ("pixel-mask", "test_dynconv")])
+def test_visualize_kinds_render_pngs(kind, model_name, tmp_path):
+    import dynaneural as dn
+    from dynaneural.cli.cmd_visualize import available_kinds
+    from dynaneural.contract import example_input
+
+    kinds = available_kinds()
+    assert {"kept-tokens", "regions", "pixel-mask"} <= kinds.keys()
+    model = dn.create_model(model_name).eval()
+    paths = kinds[kind](model, example_input(model, 4, generator=torch.Generator().manual_seed(0)), tmp_path)
+    assert paths and all(p.suffix == ".png" and p.stat().st_size > 0 for p in map(Path, paths))

@@ -64,3 +64,7 @@ def render(model: Any, images: torch.Tensor, out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+#: what ``dynaneural visualize --kind ...`` dispatches on (cli/cmd_visualize.py).
+VISUALIZE_KINDS = {"regions": render}
