@@ -353,7 +353,7 @@ def plot_block_usage(usage: torch.Tensor, path: str, *, class_names: list[str] |
     ax.set_yticks(range(c), class_names or [str(i) for i in range(c)])
     ax.set_xlabel("residual block")
     ax.set_ylabel("class")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=8)
     for i in range(c):
         for j in range(n):
             v = float(usage[i, j])
