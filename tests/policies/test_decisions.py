@@ -179,3 +179,11 @@ def test_budget_losses():
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="target"):
             BudgetLoss(target=bad)
+
+
+def test_binary_decision_threshold_holds_for_saturated_gates():
+    logits = torch.tensor([20.0, 40.0, -40.0])  # sigmoid rounds the first two to exactly 1.0 in float32
+    assert binary_decision(logits, training=False, threshold=1.0).hard.tolist() == [False, False, False]
+    assert binary_decision(logits, training=False, threshold=0.0).hard.tolist() == [True, True, True]
+    near_one = 1 - 1e-12  # between the two saturated logits' true probabilities
+    assert binary_decision(logits.double(), training=False, threshold=near_one).hard.tolist() == [False, True, False]

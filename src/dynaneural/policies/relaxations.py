@@ -99,11 +99,14 @@ def binary_decision(logits: torch.Tensor, *, training: bool, relaxation: Relaxat
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
     prob = torch.sigmoid(logits)
+    # Compare logits, not probabilities: a saturated sigmoid (exactly 1.0 in float32) would ignore a threshold
+    # near 1, and calibration could then not reach low budgets.
+    cut = math.inf if threshold >= 1.0 else (-math.inf if threshold <= 0.0 else math.log(threshold / (1 - threshold)))
     if not training or relaxation == "hard":
-        hard = prob >= threshold
+        hard = logits >= cut
         return Decision(hard=hard, value=hard.to(logits.dtype), prob=prob)
     if relaxation == "straight_through":
-        hard = prob >= threshold
+        hard = logits >= cut
         return Decision(hard=hard, value=straight_through(hard, prob), prob=prob)
     if relaxation == "gumbel":
         value = gumbel_sigmoid(logits, tau=tau, hard=True, generator=generator)
