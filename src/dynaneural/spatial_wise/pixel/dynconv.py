@@ -222,7 +222,7 @@ def dynconv_resnet_wide_cifar(*, num_classes: int = 10, budget: float = 0.5, bud
                               threshold: float = 0.5, gate_bias: float = 0.0) -> DynConvResNet:
     """A wider, shallower CIFAR ResNet (64, 128, 256 channels; 2 blocks per stage), every block gated.
 
-    Wider maps amortise the gather/scatter overhead of sparse execution on CPU (see benchmarks/spatial_pixel.md).
+    Wider maps amortise the gather/scatter overhead of sparse execution on CPU (see BENCHMARKS.md, spatial pixel level).
     """
     return _make(dict(widths=(64, 128, 256), depths=(2, 2, 2)),
                  dict(num_classes=num_classes, budget=budget, budget_weight=budget_weight, threshold=threshold,
