@@ -49,7 +49,9 @@ weighting are element-wise and counted 0). ``MoEResult.token_flops`` holds it pe
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynaneural.compute.ledger import CostLedger
 from dynaneural.execution import Mode
 from dynaneural.outputs import DynamicOutput
 
@@ -500,3 +503,33 @@ def collect_moe_results(results: list[MoEResult], batch_size: int, tokens: int
         counts.append(torch.tensor(r.counts))
     decisions["moe_dropped"] = dropped
     return decisions, aux, flops, logits, torch.stack(counts)
+
+
+class MoEStackMixin:
+    """What every model built from a stack of :class:`MoEFeedForward` layers shares: the all-experts-on context
+    (the dense softmax mixture, the static twin's behaviour) and the assembly of the model output. The model
+    defines ``moe_layers()`` and ``_dense_flops`` (per-sample FLOPs of everything but the MoE layers)."""
+
+    _dense_flops: float
+
+    def moe_layers(self) -> list[MoEFeedForward]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def all_on(self) -> Iterator[None]:
+        for m in self.moe_layers():
+            m.set_all_on(True)
+        try:
+            yield
+        finally:
+            for m in self.moe_layers():
+                m.set_all_on(False)
+
+    def _moe_output(self, results: list[MoEResult], logits: torch.Tensor, *, batch_size: int, tokens: int,
+                    mode: Mode) -> MoEModelOutput:
+        decisions, aux, moe_flops, router_logits, counts = collect_moe_results(results, batch_size, tokens)
+        ledger = CostLedger.zeros(batch_size, device=logits.device)
+        ledger.charge(self._dense_flops, part="dense")
+        ledger.charge(moe_flops, part="moe")
+        return MoEModelOutput(logits=logits, cost=ledger.flops, decisions=decisions, mode=mode, aux_losses=aux,
+                              router_logits=router_logits, tokens_per_expert=counts)

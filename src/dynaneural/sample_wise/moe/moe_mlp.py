@@ -16,15 +16,12 @@ Static twin: every MoE layer as the dense softmax mixture of its experts (what `
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import DynamicModel, resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.registry import register_model
@@ -32,8 +29,8 @@ from dynaneural.sample_wise.moe.moe_layer import (
     DenseMixtureFFN,
     MoEFeedForward,
     MoEModelOutput,
+    MoEStackMixin,
     RoutingKind,
-    collect_moe_results,
 )
 from dynaneural.validation import check_batch
 
@@ -79,7 +76,7 @@ class _StaticMoEMLP(nn.Module):
         return self.head(self.norm(h))
 
 
-class MoEMLP(DynamicModel):
+class MoEMLP(MoEStackMixin, DynamicModel):
     """Residual MLP with MoE layers (see the module docstring). ``has_static_twin``: the dense mixture."""
 
     def __init__(self, cfg: MoEMLPConfig) -> None:
@@ -114,22 +111,7 @@ class MoEMLP(DynamicModel):
             h = h + res.output
             results.append(res)
         logits = self.head(self.norm(h))
-        decisions, aux, moe_flops, router_logits, counts = collect_moe_results(results, b, 1)
-        ledger = CostLedger.zeros(b, device=x.device)
-        ledger.charge(self._dense_flops, part="dense")
-        ledger.charge(moe_flops, part="moe")
-        return MoEModelOutput(logits=logits, cost=ledger.flops, decisions=decisions, mode=mode, aux_losses=aux,
-                              router_logits=router_logits, tokens_per_expert=counts)
-
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        for m in self.moe_layers():
-            m.set_all_on(True)
-        try:
-            yield
-        finally:
-            for m in self.moe_layers():
-                m.set_all_on(False)
+        return self._moe_output(results, logits, batch_size=b, tokens=1, mode=mode)
 
     def to_static(self) -> nn.Module:
         return _StaticMoEMLP(self)

@@ -18,15 +18,12 @@ of all experts (:class:`~dynaneural.sample_wise.moe.moe_layer.DenseMixtureFFN`).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from dynaneural.compute.flops import static_flops
-from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import DynamicModel, resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.registry import register_model
@@ -34,8 +31,8 @@ from dynaneural.sample_wise.moe.moe_layer import (
     DenseMixtureFFN,
     MoEFeedForward,
     MoEModelOutput,
+    MoEStackMixin,
     RoutingKind,
-    collect_moe_results,
 )
 from dynaneural.validation import check_batch, check_token_batch
 
@@ -163,7 +160,7 @@ class _StaticMoETransformer(nn.Module):
         return self.head(self.norm(h).mean(1))
 
 
-class MoETransformer(DynamicModel):
+class MoETransformer(MoEStackMixin, DynamicModel):
     """Transformer encoder classifier with MoE feed-forward layers (see the module docstring).
 
     ``has_static_twin`` is True: the twin is the dense softmax mixture of all experts, which the model computes
@@ -223,22 +220,7 @@ class MoETransformer(DynamicModel):
             h = h + res.output
             results.append(res)
         logits = self.head(self.norm(h).mean(1))
-        decisions, aux, moe_flops, router_logits, counts = collect_moe_results(results, b, self.num_tokens)
-        ledger = CostLedger.zeros(b, device=x.device)
-        ledger.charge(self._dense_flops, part="dense")
-        ledger.charge(moe_flops, part="moe")
-        return MoEModelOutput(logits=logits, cost=ledger.flops, decisions=decisions, mode=mode, aux_losses=aux,
-                              router_logits=router_logits, tokens_per_expert=counts)
-
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        for m in self.moe_layers():
-            m.set_all_on(True)
-        try:
-            yield
-        finally:
-            for m in self.moe_layers():
-                m.set_all_on(False)
+        return self._moe_output(results, logits, batch_size=b, tokens=self.num_tokens, mode=mode)
 
     def to_static(self) -> nn.Module:
         return _StaticMoETransformer(self)
