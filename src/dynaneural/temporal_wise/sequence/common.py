@@ -12,12 +12,15 @@ for the LSTM, 3 for the GRU), an embedding lookup 0, a linear layer its MACs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from dynaneural.contract import DynamicModel
 from dynaneural.validation import check_batch, check_token_batch
 
 __all__ = ["CellKind", "RecurrentBackbone", "StaticRecurrentClassifier", "TokenEmbedding", "cell_flops",
@@ -144,3 +147,30 @@ def check_sequence_batch(model: nn.Module, x: object) -> torch.Tensor:
     if x.dim() != 3 or x.shape[-1] != feat or x.shape[1] == 0:
         raise ValueError(f"input must be a feature sequence of shape (batch, length, {feat}), got {tuple(x.shape)}")
     return x
+
+
+class SequenceModel(DynamicModel):
+    """What the sequence models share: token-id or feature inputs, the all-updates-on switch, and the static twin
+    (the fused recurrent classifier over ``self.backbone``, a :class:`RecurrentBackbone`)."""
+
+    backbone: RecurrentBackbone
+
+    def _init_sequence_io(self, *, vocab_size: int | None, input_size: int | None, max_len: int) -> None:
+        """Token ids (B, max_len) when ``vocab_size`` is set, else features (B, max_len, input_size)."""
+        if vocab_size is not None:
+            self.input_dtype, self.vocab_size = torch.long, vocab_size
+            self.input_shape = (max_len,)
+        else:
+            self.input_shape = (max_len, int(input_size))  # type: ignore[arg-type]
+        self._all_on = False
+
+    @contextlib.contextmanager
+    def all_on(self) -> Iterator[None]:
+        prev, self._all_on = self._all_on, True
+        try:
+            yield
+        finally:
+            self._all_on = prev
+
+    def to_static(self) -> StaticRecurrentClassifier:
+        return StaticRecurrentClassifier(self.backbone)

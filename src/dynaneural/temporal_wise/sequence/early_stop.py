@@ -16,21 +16,23 @@ Ledger parts: ``cell`` (tokens read), ``head`` (classifier evaluations, one per 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from dynaneural.compute.ledger import CostLedger
-from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.contract import resolve_mode
 from dynaneural.execution import Mode, tree_index_select
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies import create_exit_rule
 from dynaneural.registry import register_model
-from dynaneural.temporal_wise.sequence.common import RecurrentBackbone, StaticRecurrentClassifier, check_sequence_batch
+from dynaneural.temporal_wise.sequence.common import (
+    RecurrentBackbone,
+    SequenceModel,
+    check_sequence_batch,
+)
 
 __all__ = ["EarlyStopReader", "EarlyStopConfig", "EarlyStopOutput"]
 
@@ -71,7 +73,7 @@ class EarlyStopOutput(DynamicOutput):
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class EarlyStopReader(DynamicModel):
+class EarlyStopReader(SequenceModel):
     """LSTM reader with a stop decision after every chunk; see the module docstring."""
 
     def __init__(self, cfg: EarlyStopConfig) -> None:
@@ -83,23 +85,7 @@ class EarlyStopReader(DynamicModel):
         self.rule = create_exit_rule(cfg.rule)
         self.threshold = float(cfg.threshold)
         self.num_classes = cfg.num_classes
-        if cfg.vocab_size is not None:
-            self.input_dtype, self.vocab_size = torch.long, cfg.vocab_size
-            self.input_shape = (cfg.max_len,)
-        else:
-            self.input_shape = (cfg.max_len, int(cfg.input_size))  # type: ignore[arg-type]
-        self._all_on = False
-
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
-
-    def to_static(self) -> StaticRecurrentClassifier:
-        return StaticRecurrentClassifier(self.backbone)
+        self._init_sequence_io(vocab_size=cfg.vocab_size, input_size=cfg.input_size, max_len=cfg.max_len)
 
     def set_threshold(self, threshold: float) -> None:
         self.threshold = float(threshold)

@@ -19,8 +19,6 @@ never embedded nor read. Ledger parts: ``cell`` (tokens read × cell MACs), ``po
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynaneural.compute.ledger import CostLedger
-from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.contract import resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies import PolicySample, ReinforceLoss, sample_categorical
 from dynaneural.registry import register_model
-from dynaneural.temporal_wise.sequence.common import RecurrentBackbone, StaticRecurrentClassifier, check_sequence_batch
+from dynaneural.temporal_wise.sequence.common import (
+    RecurrentBackbone,
+    SequenceModel,
+    check_sequence_batch,
+)
 
 __all__ = ["LSTMJump", "LSTMJumpConfig", "LSTMJumpOutput"]
 
@@ -78,7 +80,7 @@ class LSTMJumpOutput(DynamicOutput):
     policy_entropy: torch.Tensor | None = None
 
 
-class LSTMJump(DynamicModel):
+class LSTMJump(SequenceModel):
     """LSTM-Jump classifier over token ids (B, T) or features (B, T, F); see the module docstring."""
 
     def __init__(self, cfg: LSTMJumpConfig) -> None:
@@ -92,23 +94,7 @@ class LSTMJump(DynamicModel):
             self.policy.bias[0] = cfg.stop_bias
         self.reinforce = ReinforceLoss(baseline="moving_average", entropy_coef=cfg.entropy_coef)
         self.num_classes = cfg.num_classes
-        if cfg.vocab_size is not None:
-            self.input_dtype, self.vocab_size = torch.long, cfg.vocab_size
-            self.input_shape = (cfg.max_len,)
-        else:
-            self.input_shape = (cfg.max_len, int(cfg.input_size))  # type: ignore[arg-type]
-        self._all_on = False
-
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
-
-    def to_static(self) -> StaticRecurrentClassifier:
-        return StaticRecurrentClassifier(self.backbone)
+        self._init_sequence_io(vocab_size=cfg.vocab_size, input_size=cfg.input_size, max_len=cfg.max_len)
 
     def loss(self, out: LSTMJumpOutput, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-entropy + REINFORCE of the jumps (reward +1 right, −1 wrong): a ``loss_fn`` for the trainer."""

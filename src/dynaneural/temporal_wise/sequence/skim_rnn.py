@@ -17,21 +17,23 @@ never pay for the big cell, and units ``[d, H)`` are never touched for them. Led
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from dynaneural.compute.ledger import CostLedger
-from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.contract import resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies import BudgetLoss, TemperatureSchedule, categorical_decision
 from dynaneural.registry import register_model
-from dynaneural.temporal_wise.sequence.common import RecurrentBackbone, StaticRecurrentClassifier, check_sequence_batch
+from dynaneural.temporal_wise.sequence.common import (
+    RecurrentBackbone,
+    SequenceModel,
+    check_sequence_batch,
+)
 
 __all__ = ["SkimRNN", "SkimRNNConfig"]
 
@@ -63,7 +65,7 @@ class SkimRNNConfig:
             raise ValueError(f"small_size must lie in [1, hidden_size), got {self.small_size}")
 
 
-class SkimRNN(DynamicModel):
+class SkimRNN(SequenceModel):
     """Skim-LSTM classifier; ``decisions["updates"]`` (B, T) bool is True where the big cell read the token."""
 
     def __init__(self, cfg: SkimRNNConfig) -> None:
@@ -84,23 +86,7 @@ class SkimRNN(DynamicModel):
         self._progress = 0.0
         self.threshold = float(cfg.threshold)
         self.num_classes = cfg.num_classes
-        if cfg.vocab_size is not None:
-            self.input_dtype, self.vocab_size = torch.long, cfg.vocab_size
-            self.input_shape = (cfg.max_len,)
-        else:
-            self.input_shape = (cfg.max_len, int(cfg.input_size))  # type: ignore[arg-type]
-        self._all_on = False
-
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
-
-    def to_static(self) -> StaticRecurrentClassifier:
-        return StaticRecurrentClassifier(self.backbone)
+        self._init_sequence_io(vocab_size=cfg.vocab_size, input_size=cfg.input_size, max_len=cfg.max_len)
 
     def set_train_progress(self, progress: float) -> None:
         self._progress = float(progress)

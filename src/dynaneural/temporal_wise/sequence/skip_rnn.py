@@ -37,9 +37,7 @@ evaluated after every update but the last step's), ``head`` = the classifier.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -48,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynaneural.compute.ledger import CostLedger
-from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.contract import resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies import BudgetLoss, straight_through
@@ -56,7 +54,7 @@ from dynaneural.registry import register_model
 from dynaneural.temporal_wise.sequence.common import (
     CellKind,
     RecurrentBackbone,
-    StaticRecurrentClassifier,
+    SequenceModel,
     check_sequence_batch,
 )
 
@@ -183,7 +181,7 @@ class SkipRNNOutput(DynamicOutput):
         return 1.0 - self.decisions["updates"].float().mean(1)
 
 
-class SkipRNN(DynamicModel):
+class SkipRNN(SequenceModel):
     """A one-layer Skip LSTM/GRU classifier over token ids (B, T) or features (B, T, F); see the module docstring."""
 
     def __init__(self, cfg: SkipRNNConfig) -> None:
@@ -197,26 +195,10 @@ class SkipRNN(DynamicModel):
         self.budget_loss = BudgetLoss(target=cfg.budget, weight=cfg.budget_weight) if cfg.budget else None
         self.threshold = float(cfg.threshold)
         self.num_classes = cfg.num_classes
-        if cfg.vocab_size is not None:
-            self.input_dtype, self.vocab_size = torch.long, cfg.vocab_size
-            self.input_shape = (cfg.max_len,)
-        else:
-            self.input_shape = (cfg.max_len, int(cfg.input_size))  # type: ignore[arg-type]
+        self._init_sequence_io(vocab_size=cfg.vocab_size, input_size=cfg.input_size, max_len=cfg.max_len)
         self.script = True
-        self._all_on = False
 
     # ------------------------------------------------------------------------------------------- contract
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
-
-    def to_static(self) -> StaticRecurrentClassifier:
-        return StaticRecurrentClassifier(self.backbone)
-
     def set_threshold(self, threshold: float) -> None:
         """Set θ (inference knob): the next update comes ``ceil(θ / p)`` steps after one at probability p."""
         if not 0.0 < float(threshold) <= 1.0:
