@@ -11,7 +11,6 @@ the realized speed-up (static CNN, BN folded, against the model in execute mode,
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Any
 
@@ -120,21 +119,9 @@ def run_dynparams_bench(recipe: Any, *, data_dir: str | None = None, log: Any = 
 
 
 def cmd_bench_dynparams(args: argparse.Namespace) -> int:
-    from dynaneural.bench.rows import format_rows, write_bench_json
-    from dynaneural.cli.main import _maybe_reexec_with_tuned_allocator, _recipe
+    from dynaneural.cli.main import run_recipe_bench
 
-    _maybe_reexec_with_tuned_allocator(args)
-    args.recipe = args.recipe or f"dynparams_{args.dataset.replace('-', '_')}"
-    recipe = _recipe(args)
-    if recipe.dataset != args.dataset:
-        raise SystemExit(f"recipe {recipe.name} is for dataset {recipe.dataset}, not {args.dataset}")
-    torch.set_num_threads(args.threads)
-    res = run_dynparams_bench(recipe, data_dir=args.data_dir)
-    print(format_rows(res["rows"]))
-    if args.json:
-        path = write_bench_json(args.json, res["rows"], recipe=recipe.name, **res["meta"])
-        print(f"wrote {path}", file=sys.stderr)
-    return 0
+    return run_recipe_bench(args, prefix="dynparams", run=run_dynparams_bench)
 
 
 def register(bsub: Any, *, common: Any, data_opts: Any) -> None:

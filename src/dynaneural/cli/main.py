@@ -41,6 +41,27 @@ def _recipe(args: argparse.Namespace) -> Any:
     return recipe.quick_variant() if getattr(args, "quick", False) else recipe
 
 
+def run_recipe_bench(args: argparse.Namespace, *, prefix: str, run: Any) -> int:
+    """The body every recipe-driven ``bench`` command shares: tuned allocator, the recipe (default
+    ``<prefix>_<dataset>``), ``run(recipe, data_dir=...) -> {"rows": [...], "meta": {...}}``, a table, the JSON."""
+    import torch
+
+    from dynaneural.bench.rows import format_rows, write_bench_json
+
+    _maybe_reexec_with_tuned_allocator(args)
+    args.recipe = args.recipe or f"{prefix}_{args.dataset.replace('-', '_')}"
+    recipe = _recipe(args)
+    if recipe.dataset != args.dataset:
+        raise SystemExit(f"recipe {recipe.name} is for dataset {recipe.dataset}, not {args.dataset}")
+    torch.set_num_threads(args.threads)
+    res = run(recipe, data_dir=args.data_dir)
+    print(format_rows(res["rows"]))
+    if args.json:
+        path = write_bench_json(args.json, res["rows"], recipe=recipe.name, **res["meta"])
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dynaneural.bench.pipeline import format_table, run_early_exit_experiment
     from dynaneural.recipes import load_recipe
