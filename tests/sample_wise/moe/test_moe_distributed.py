@@ -14,7 +14,7 @@ from dynaneural.sample_wise.moe.distributed import check_expert_parallel_equival
 
 def test_expert_parallel_two_processes_equal_one_process():
     """One training step (outputs, loss, gradients, SGD update) and execute-mode decisions/cost after it."""
-    rep = check_expert_parallel_equivalence("test_moe_transformer", world_size=2, batch_size=8)
+    rep = check_expert_parallel_equivalence("test_moe_transformer", world_size=2, batch_size=8, timeout_s=120)
     assert rep.decisions_equal
     assert rep.max_logit_diff <= 1e-5 and rep.max_loss_diff <= 1e-5
     assert rep.max_grad_diff <= 1e-5 and rep.max_param_diff <= 1e-5

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import tempfile
 import time
 import warnings
@@ -276,12 +275,21 @@ def _full_state(model: nn.Module, grads: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def _equivalence_worker(rank: int, world: int, port: int, spec: dict[str, Any], out_dir: str) -> None:
+def _equivalence_worker(rank: int, world: int, store_dir: str, spec: dict[str, Any], out_dir: str) -> None:
+    import datetime
+    import faulthandler
+
     from dynaneural.engine.distributed import wrap_ddp
     from dynaneural.registry import create_model
 
+    # If a collective ever blocks, every rank prints where it waits (stderr) before the parent gives up.
+    faulthandler.dump_traceback_later(max(spec["timeout_s"] - 10.0, 5.0), exit=True)
     torch.set_num_threads(int(spec.get("threads", 1)))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file store: no TCP port to pick and free, so no race with other processes for it.
+    store = dist.FileStore(str(Path(store_dir) / "store"), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=max(spec["timeout_s"] - 20.0, 10.0)))
+    (Path(store_dir) / f"ready{rank}").touch()
     try:
         torch.manual_seed(spec["seed"])
         model = create_model(spec["model"], **spec.get("kwargs", {}))
@@ -307,31 +315,47 @@ def _equivalence_worker(rank: int, world: int, port: int, spec: dict[str, Any], 
             torch.save({"parts": gathered, "grads": grads, "params": params}, Path(out_dir) / "sharded.pt")
     finally:
         dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
 
 
-def _spawn(fn: Any, args: tuple, nprocs: int, timeout_s: float) -> None:
-    """``torch.multiprocessing`` spawn that kills the workers instead of hanging past ``timeout_s``."""
+class RendezvousTimeout(TimeoutError):
+    """The worker processes did not all join the process group in time (start-up, not a collective, hung)."""
+
+
+def _spawn(fn: Any, args: tuple, nprocs: int, timeout_s: float, store_dir: str) -> None:
+    """``torch.multiprocessing`` spawn of ``fn(rank, nprocs, store_dir, *args)`` that kills the workers instead of
+    hanging past ``timeout_s``. Raises :class:`RendezvousTimeout` when not every rank reached the process group
+    (each worker touches ``store_dir/ready{rank}`` once it has), ``TimeoutError`` when they did and then blocked."""
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    def ready() -> int:
+        return sum((Path(store_dir) / f"ready{r}").exists() for r in range(nprocs))
+
+    ctx = mp.start_processes(fn, args=(nprocs, store_dir, *args), nprocs=nprocs, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1.0):
+    while True:
+        try:
+            if ctx.join(timeout=1.0):
+                return
+        except Exception as e:  # a worker failed: say whether it was before everyone met
+            if ready() < nprocs:
+                raise RendezvousTimeout(f"only {ready()} of {nprocs} distributed workers joined the process group "
+                                        f"before one failed: {e}") from e
+            raise
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            raise TimeoutError(f"the {nprocs} distributed workers did not finish within {timeout_s:.0f} s")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+            if ready() < nprocs:
+                raise RendezvousTimeout(f"only {ready()} of {nprocs} distributed workers joined the process group "
+                                        f"within {timeout_s:.0f} s")
+            raise TimeoutError(f"the {nprocs} distributed workers joined but did not finish within "
+                               f"{timeout_s:.0f} s (their stacks are on stderr)")
 
 
 def check_expert_parallel_equivalence(model: str, *, kwargs: dict[str, Any] | None = None, world_size: int = 2,
                                       batch_size: int = 8, seed: int = 0, lr: float = 0.1, repeats: int = 5,
-                                      threads: int = 1, timeout_s: float = 300.0) -> EquivalenceReport:
+                                      threads: int = 1, timeout_s: float = 180.0) -> EquivalenceReport:
     """Run one training step of registry model ``model`` on ``world_size`` gloo processes (experts sharded, DDP)
     and in this process unsharded, on the same batch, and compare (see :class:`EquivalenceReport`).
 
@@ -348,14 +372,23 @@ def check_expert_parallel_equivalence(model: str, *, kwargs: dict[str, Any] | No
     g = torch.Generator().manual_seed(seed + 1)
     x = example_input(ref, batch_size, generator=g)
     y = torch.randint(0, ref.num_classes, (batch_size,), generator=g)
-    spec = {"model": model, "kwargs": kwargs, "seed": seed, "lr": lr, "repeats": repeats, "threads": threads}
+    spec = {"model": model, "kwargs": kwargs, "seed": seed, "lr": lr, "repeats": repeats, "threads": threads,
+            "timeout_s": timeout_s}
     prev_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         torch.save({"x": x, "y": y}, Path(tmp) / "batch.pt")
         env_before = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = str(threads)
         try:
-            _spawn(_equivalence_worker, (world_size, _free_port(), spec, tmp), world_size, timeout_s)
+            for attempt in range(2):  # a start-up that never met is retried once, in a fresh store
+                store_dir = tempfile.mkdtemp(dir=tmp)
+                try:
+                    _spawn(_equivalence_worker, (spec, tmp), world_size, timeout_s, store_dir)
+                    break
+                except RendezvousTimeout:
+                    if attempt:
+                        raise
+                    warnings.warn("distributed workers did not meet; retrying once", RuntimeWarning, stacklevel=2)
         finally:
             if env_before is None:
                 os.environ.pop("OMP_NUM_THREADS", None)
