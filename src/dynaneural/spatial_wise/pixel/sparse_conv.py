@@ -9,11 +9,12 @@ How it runs (CPU, no custom extension):
 
 1. the input is kept channels-last: ``x`` (B, H, W, C), contiguous, viewed as a (B·H·W, C) matrix of pixel
    rows (a free view of a channels-last tensor);
-2. for the N active output positions (b, i, j) the flat row index of every tap of the kh×kw neighbourhood is
-   pure index arithmetic, ``b·H·W + (i·s − p + di·d)·W + (j·s − p + dj·d)``; **one** ``index_select`` gathers
-   the (N·kh·kw, C) rows, which *are* the (N, kh·kw·C) im2col matrix of the active positions, with no copy of
-   the full unfolded input (a full ``unfold`` is 4–5× slower than the dense convolution here) and no padded
-   copy of the input (taps outside the image are zeroed after the gather);
+2. for the N active output positions (b, i, j), each of the kh kernel rows of the neighbourhood is a *run* of
+   kw·C contiguous values starting at the flat pixel ``b·H·W + (i·s − p + di)·W + (j·s − p)``; **one**
+   ``index_select`` on an overlapping strided view gathers the (N·kh, kw·C) runs, which *are* the
+   (N, kh·kw·C) im2col matrix of the active positions, with no copy of the full unfolded input (a full
+   ``unfold`` is 4–5× slower than the dense convolution here) and no padded copy of the input (the few windows
+   that cross the border are re-gathered tap by tap with the outside taps zeroed);
 3. one matrix multiply with the weight reordered to (kh·kw·C, C_out), run as a oneDNN 1×1 convolution on a
    channels-last view (shared/FEASIBILITY.md: ~2.4× faster than the MKL ``matmul`` on these CPUs);
 4. the (N, C_out) result rows are scattered (``index_copy``) into the output, or returned as rows so that the
@@ -87,12 +88,37 @@ def nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).contiguous()
 
 
+def _gather_taps(x_nhwc: torch.Tensor, batch: torch.Tensor, row: torch.Tensor, col: torch.Tensor, *,
+                 kernel_size: tuple[int, int], stride: int, padding: int, dilation: int) -> torch.Tensor:
+    """Per-tap gather (one pixel row of C values per tap), taps outside the image zeroed: (N, kh·kw·C)."""
+    b, h, w, c = x_nhwc.shape
+    kh, kw = kernel_size
+    dev = x_nhwc.device
+    r = (row * stride - padding)[:, None] + torch.arange(kh, device=dev)[None, :] * dilation  # (N, kh)
+    q = (col * stride - padding)[:, None] + torch.arange(kw, device=dev)[None, :] * dilation  # (N, kw)
+    base = batch * (h * w)
+    index = (base[:, None, None] + r.clamp(0, h - 1)[:, :, None] * w + q.clamp(0, w - 1)[:, None, :]).reshape(-1)
+    patches = x_nhwc.reshape(b * h * w, c).index_select(0, index)  # (N·kh·kw, C): one gather
+    if padding > 0:
+        outside = ((r < 0) | (r >= h))[:, :, None] | ((q < 0) | (q >= w))[:, None, :]  # (N, kh, kw)
+        bad = outside.reshape(-1).nonzero().squeeze(1)  # only the border taps
+        if bad.numel():
+            patches.index_fill_(0, bad, 0.0)
+    return patches.view(-1, kh * kw * c)
+
+
 def gather_patches(x_nhwc: torch.Tensor, pos: ActivePositions, *, kernel_size: tuple[int, int] = (3, 3),
                    stride: int = 1, padding: int = 1, dilation: int = 1) -> torch.Tensor:
     """The im2col rows of the active output positions, gathered straight from an NHWC input.
 
-    The zero padding is never materialised: taps that fall outside the image are gathered from a clamped
-    (valid) row and then zeroed, so the cost is proportional to the active positions, not to the input size.
+    With ``dilation == 1`` (the usual case) the kw neighbouring pixels of one kernel row are adjacent in NHWC
+    memory, so each active position gathers ``kh`` *runs* of ``kw·C`` contiguous values through an overlapping
+    strided view: one ``index_select`` of ``N·kh`` rows, a third of the indices and three times longer copies
+    than a per-pixel gather. The zero padding is never materialised: positions whose window crosses the border
+    (a thin frame of the image) gather a clamped run and are then re-gathered tap by tap, with the taps outside
+    the image zeroed, and written over their rows. With dilation every position is gathered tap by tap. Either
+    way the cost is proportional to the active positions, not to the input size.
+
     Only the rows of taps that are read need to hold valid values (the residual blocks gather from a buffer
     written at the dilated mask only).
 
@@ -106,18 +132,22 @@ def gather_patches(x_nhwc: torch.Tensor, pos: ActivePositions, *, kernel_size: t
     """
     b, h, w, c = x_nhwc.shape
     kh, kw = kernel_size
+    opts = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation)
+    if dilation != 1 or kw > w:
+        return _gather_taps(x_nhwc, pos.batch, pos.row, pos.col, **opts)
     dev = x_nhwc.device
-    r = (pos.row * stride - padding)[:, None] + torch.arange(kh, device=dev)[None, :] * dilation  # (N, kh)
-    q = (pos.col * stride - padding)[:, None] + torch.arange(kw, device=dev)[None, :] * dilation  # (N, kw)
-    base = pos.batch * (h * w)
-    index = (base[:, None, None] + r.clamp(0, h - 1)[:, :, None] * w + q.clamp(0, w - 1)[:, None, :]).reshape(-1)
-    patches = x_nhwc.reshape(b * h * w, c).index_select(0, index)  # (N·kh·kw, C): one gather
+    r0 = pos.row * stride - padding  # (N,) first input row / column of each window
+    q0 = pos.col * stride - padding
+    r = r0[:, None] + torch.arange(kh, device=dev)[None, :]  # (N, kh)
+    start = (pos.batch * (h * w))[:, None] + r.clamp(0, h - 1) * w + q0.clamp(0, w - kw)[:, None]
+    runs = x_nhwc.reshape(-1).as_strided((b * h * w - (kw - 1), kw * c), (c, 1))  # row k: pixels k .. k+kw-1
+    patches = runs.index_select(0, start.reshape(-1)).view(pos.count, kh * kw * c)
     if padding > 0:
-        outside = ((r < 0) | (r >= h))[:, :, None] | ((q < 0) | (q >= w))[:, None, :]  # (N, kh, kw)
-        bad = outside.reshape(-1).nonzero().squeeze(1)  # only the border taps
-        if bad.numel():
-            patches.index_fill_(0, bad, 0.0)
-    return patches.view(pos.count, kh * kw * c)
+        border = ((r0 < 0) | (r0 + kh > h) | (q0 < 0) | (q0 + kw > w)).nonzero().squeeze(1)
+        if border.numel():
+            patches.index_copy_(0, border, _gather_taps(x_nhwc, pos.batch[border], pos.row[border],
+                                                        pos.col[border], **opts))
+    return patches
 
 
 def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
