@@ -58,3 +58,11 @@ def test_torchrun_ddp_training_matches_one_process(tmp_path):
         torch.testing.assert_close(other, v, rtol=1e-4, atol=1e-5, msg=k)
         if "w_gate_up" not in k and "w_down" not in k:
             torch.testing.assert_close(shards[1][k], v, rtol=1e-4, atol=1e-5, msg=k)  # DDP kept replicas equal
+
+
+def test_spawn_reports_workers_that_never_met(tmp_path):
+    """A worker that dies before joining the process group is told apart from a hang after it (and retried)."""
+    from dynaneural.sample_wise.moe.distributed import RendezvousTimeout, _equivalence_worker, _spawn
+
+    with pytest.raises(RendezvousTimeout, match="joined the process group"):
+        _spawn(_equivalence_worker, ({}, str(tmp_path)), 2, 60.0, str(tmp_path))  # empty spec: fails at once
