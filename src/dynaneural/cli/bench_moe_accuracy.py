@@ -1,0 +1,93 @@
+"""``dynaneural bench moe-accuracy``: an MoE Transformer against the dense Transformer of equal *active* FLOPs.
+
+The question the sparse-MoE papers answer (Shazeer et al. 2017; Fedus et al., "Switch Transformers", 2022): at the
+same compute per token, do more parameters behind a router buy accuracy? Both sides are
+:class:`~dynaneural.sample_wise.moe.moe_transformer.MoETransformer` built from the recipe's ``model_kwargs`` and
+trained with the same recipe, seed and data order. The dense twin has ``num_experts=1``, ``top_k=1`` and an FFN of
+width ``top_k × hidden`` — one always-on SwiGLU expert with the MoE's active width (its router over one expert costs
+D MACs per token and always gives weight 1). Each row: test accuracy in execute mode, mean FLOPs from the ledger,
+parameter count, and the realized speed-up of the MoE against the dense twin, interleaved in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+__all__ = ["register", "run_moe_accuracy_bench"]
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_moe_accuracy_bench(recipe: Any, *, data_dir: str | None = None, log: Any = print) -> dict[str, Any]:
+    """Train the MoE model and its dense twin of equal active FLOPs; returns ``{rows, meta}``."""
+    from dynaneural.bench.rows import SpeedupRow, time_against_static
+    from dynaneural.data import load_dataset
+    from dynaneural.engine import TrainConfig, evaluate, train
+    from dynaneural.registry import create_model
+
+    data = load_dataset(recipe.dataset, data_dir=data_dir, **recipe.data)
+    kw = dict(recipe.model_kwargs)
+    top_k, hidden = int(kw.get("top_k", 2)), int(kw.get("hidden", 128))
+    if kw.get("routing", "top_k") != "top_k":
+        raise ValueError("moe-accuracy compares top-k routing against its dense twin; got routing "
+                         f"{kw.get('routing')!r}")
+    dense_kw = {**kw, "num_experts": 1, "top_k": 1, "hidden": top_k * hidden, "capacity_factor": None}
+    models: dict[str, Any] = {}
+    results: dict[str, Any] = {}
+    for name, mkw in (("dense", dense_kw), ("moe", kw)):
+        torch.manual_seed(int(recipe.train.get("seed", 0)))
+        model = create_model(recipe.model, **mkw)
+        t0 = time.perf_counter()
+        cfg = TrainConfig.from_dict({**recipe.train, "progress": False})
+        train(model, train_x=data.train_x, train_y=data.train_y, config=cfg)
+        model.eval()
+        res = evaluate(model, data.test_x, data.test_y, mode="execute")
+        models[name], results[name] = model, res
+        log(f"{name}: {_params(model) / 1e3:.1f} k parameters, test accuracy {res.accuracy:.4f}, "
+            f"{float(res.mean_cost) / 1e6:.3f} MFLOPs/sample ({time.perf_counter() - t0:.0f} s)")
+    dense, moe = results["dense"], results["moe"]
+    x_time = data.test_x[: recipe.bench.timed_samples]
+    rows = []
+    for bs in recipe.bench.batch_sizes:
+        t = time_against_static(lambda xb: models["dense"](xb, mode="execute"),
+                                lambda xb: models["moe"](xb, mode="execute"), x_time, batch_size=bs,
+                                repeats=recipe.bench.repeats)
+        theo = float(dense.mean_cost) / float(moe.mean_cost)
+        rows.append(SpeedupRow(
+            method=f"moe_top{top_k}_of_{kw.get('num_experts', 8)}", batch_size=bs, accuracy=moe.accuracy,
+            static_accuracy=dense.accuracy, mean_flops=float(moe.mean_cost), static_flops=float(dense.mean_cost),
+            theoretical_speedup=theo, realized_over_theoretical=t["realized_speedup"] / theo, **t,
+            extra={"moe_params": _params(models["moe"]), "dense_params": _params(models["dense"]),
+                   "accuracy_gain_pp": (moe.accuracy - dense.accuracy) * 100}))
+        log(f"  batch {bs}: MoE {moe.accuracy:.4f} vs dense {dense.accuracy:.4f} "
+            f"({(moe.accuracy - dense.accuracy) * 100:+.2f} pp), realized {t['realized_speedup']:.2f}× "
+            f"(FLOPs ratio {theo:.3f})")
+    meta = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0]), "moe_kwargs": kw,
+            "dense_kwargs": dense_kw}
+    return {"rows": rows, "meta": meta}
+
+
+def cmd_bench_moe_accuracy(args: argparse.Namespace) -> int:
+    from dynaneural.cli.main import run_recipe_bench
+
+    return run_recipe_bench(args, prefix="moe_accuracy",
+                            run=lambda recipe, data_dir: run_moe_accuracy_bench(
+                                recipe, data_dir=data_dir, log=lambda s: print(s, flush=True)))
+
+
+def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
+    p = bsub.add_parser("moe-accuracy", help="MoE Transformer vs the dense Transformer of equal active FLOPs")
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
+    p.add_argument("--recipe", default=None, help="default: moe_accuracy_<dataset>")
+    p.add_argument("--quick", action="store_true", help="the recipe's quick variant")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the timing rows")
+    p.add_argument("--json", default=None, help="write the rows here (e.g. benchmarks/moe_accuracy_mnist.json)")
+    data_opts(p)
+    common(p)
+    p.set_defaults(fn=cmd_bench_moe_accuracy)

@@ -1,0 +1,48 @@
+"""The MoE-vs-dense-twin accuracy benchmark end to end on tiny synthetic data (the real run is a benchmark)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import dynaneural.data
+from dynaneural.cli.bench_moe_accuracy import run_moe_accuracy_bench
+from dynaneural.recipes import Recipe, load_recipe
+
+
+def _tiny_data(*args, **kwargs):
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        y = torch.arange(n) % 3
+        return torch.randn(n, 1, 28, 28, generator=g) + y.view(n, 1, 1, 1).float(), y
+
+    (tx, ty), (vx, vy), (sx, sy) = split(96), split(32), split(48)
+    return SimpleNamespace(train_x=tx, train_y=ty, val_x=vx, val_y=vy, test_x=sx, test_y=sy, num_classes=3)
+
+
+def test_moe_accuracy_bench_trains_both_and_compares_equal_active_flops(monkeypatch):
+    monkeypatch.setattr(dynaneural.data, "load_dataset", _tiny_data)
+    recipe = Recipe.from_dict({
+        "name": "tiny_moe_accuracy", "model": "moe_transformer_mnist", "dataset": "mnist",
+        "model_kwargs": {"num_experts": 4, "top_k": 2, "dim": 16, "hidden": 16, "depth": 1, "num_classes": 3},
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.01, "device": "cpu"},
+        "bench": {"batch_sizes": [16], "repeats": 1, "timed_samples": 32}})
+    lines: list[str] = []
+    res = run_moe_accuracy_bench(recipe, log=lines.append)
+    (row,) = res["rows"]
+    assert res["meta"]["dense_kwargs"]["num_experts"] == 1 and res["meta"]["dense_kwargs"]["hidden"] == 32
+    # equal active FLOPs: the MoE pays only its wider router (E instead of 1 logit per token) on top
+    assert row.theoretical_speedup == pytest.approx(1.0, rel=0.02) and row.theoretical_speedup < 1.0
+    assert row.extra["moe_params"] > row.extra["dense_params"]
+    assert 0.0 <= row.accuracy <= 1.0 and row.realized_speedup > 0
+    assert any(line.startswith("moe:") for line in lines) and any(line.startswith("dense:") for line in lines)
+
+
+def test_moe_accuracy_recipe_parses_and_rejects_expert_choice(monkeypatch):
+    assert load_recipe("moe_accuracy_mnist").model_kwargs["top_k"] == 2
+    monkeypatch.setattr(dynaneural.data, "load_dataset", _tiny_data)
+    recipe = Recipe.from_dict({"name": "x", "model": "moe_transformer_mnist", "dataset": "mnist",
+                               "model_kwargs": {"routing": "expert_choice"}})
+    with pytest.raises(ValueError, match="top-k routing"):
+        run_moe_accuracy_bench(recipe, log=lambda s: None)
