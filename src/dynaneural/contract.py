@@ -29,7 +29,22 @@ from torch import nn
 
 from dynaneural.execution import Mode
 
-__all__ = ["DynamicModel", "resolve_mode", "set_train_progress"]
+__all__ = ["AllOnFlag", "DynamicModel", "resolve_mode", "set_train_progress"]
+
+
+class AllOnFlag:
+    """Mixin for models whose decisions read one flag: ``all_on()`` sets ``self._all_on`` for the duration of the
+    context (and restores the previous value, so contexts nest). Put it before :class:`DynamicModel` in the bases."""
+
+    _all_on: bool = False
+
+    @contextlib.contextmanager
+    def all_on(self) -> Iterator[None]:
+        prev, self._all_on = self._all_on, True
+        try:
+            yield
+        finally:
+            self._all_on = prev
 
 
 def resolve_mode(module: nn.Module, mode: Mode | str | None) -> Mode:

@@ -29,10 +29,8 @@ connection and skips the gates: exactly the static DenseNet block (``to_static``
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -43,7 +41,7 @@ from torch import nn
 from dynaneural.calibration import calibrate_knob
 from dynaneural.calibration.thresholds import KnobCalibration
 from dynaneural.compute.ledger import CostLedger
-from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.contract import AllOnFlag, DynamicModel, resolve_mode
 from dynaneural.execution import Mode, group_rows, rows_where
 from dynaneural.layers import ConvBNAct
 from dynaneural.outputs import DynamicOutput
@@ -121,7 +119,7 @@ class _StaticDense(nn.Module):
         return self.head(self.pool(torch.cat(feats, 1)).flatten(1))
 
 
-class GatedDenseNet(DynamicModel):
+class GatedDenseNet(AllOnFlag, DynamicModel):
     """Stem → a dense block with per-sample gated connections → pooled linear head.
 
     Decisions: ``connections`` — (B, N) bool, every layer's connection gates in order (layer 0's, then 1's…).
@@ -156,14 +154,6 @@ class GatedDenseNet(DynamicModel):
         self._all_on = False
 
     # ------------------------------------------------------------------ contract
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
-
     def to_static(self) -> nn.Module:
         layers = [nn.Sequential(copy.deepcopy(m.conv), copy.deepcopy(m.bn), nn.ReLU()) for m in self.layers]
         return _StaticDense(copy.deepcopy(self.stem), layers, copy.deepcopy(self.head))

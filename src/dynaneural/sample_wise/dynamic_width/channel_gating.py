@@ -32,9 +32,7 @@ fixed per layer every sample pays the same FLOPs; *which* channels run differs p
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynaneural.compute.ledger import CostLedger
-from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.contract import AllOnFlag, DynamicModel, resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies import straight_through
@@ -122,7 +120,7 @@ class GatedConv(nn.Module):
         return logits.topk(self.k_out, dim=1).indices.sort(dim=1).values
 
 
-class ChannelGatedCNN(DynamicModel):
+class ChannelGatedCNN(AllOnFlag, DynamicModel):
     """A plain CNN (3×3 conv-BN-ReLU layers, global pooling, linear classifier) with FBS channel gates.
 
     Decisions: ``gate{l}`` — (B, C_l) bool, the channels layer ``l`` computed for each sample.
@@ -143,14 +141,6 @@ class ChannelGatedCNN(DynamicModel):
         self._all_on = False
 
     # ------------------------------------------------------------------ contract
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
-
     def to_static(self) -> nn.Module:
         """The plain CNN: conv-BN-ReLU layers, global average pooling, the linear head (same weights)."""
         body = [nn.Sequential(copy.deepcopy(m.conv), copy.deepcopy(m.bn), nn.ReLU()) for m in self.layers]

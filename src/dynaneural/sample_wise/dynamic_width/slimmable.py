@@ -30,9 +30,7 @@ chosen width's convolutions (``c_in·c_out·9·H'·W'``), batch norms (``2·c_ou
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -42,7 +40,7 @@ from torch import nn
 from dynaneural.calibration import calibrate_knob
 from dynaneural.calibration.thresholds import KnobCalibration
 from dynaneural.compute.ledger import CostLedger
-from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.contract import AllOnFlag, DynamicModel, resolve_mode
 from dynaneural.execution import Mode, group_rows
 from dynaneural.outputs import DynamicOutput
 from dynaneural.registry import register_model
@@ -127,7 +125,7 @@ class SlimConv(nn.Module):
         return float(c_in * c_out * 9 * hw + 2 * c_out * hw)
 
 
-class SlimmableCNN(DynamicModel):
+class SlimmableCNN(AllOnFlag, DynamicModel):
     """A slimmable CNN with a per-sample width policy (see the module docstring).
 
     Decisions: ``width`` — (B,) int64 level index into ``width_mults``.
@@ -166,14 +164,6 @@ class SlimmableCNN(DynamicModel):
         return len(self.width_mults)
 
     # ------------------------------------------------------------------ contract
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
-
     def to_static(self, level: int = -1) -> nn.Module:
         """The plain CNN at one width level (default: full width) with that level's weights and BN."""
         level = level % self.num_levels

@@ -28,9 +28,7 @@ regular sampling grid (no offsets, no modulation, offset convs not run) — whic
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynaneural.compute.ledger import CostLedger
-from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.contract import AllOnFlag, DynamicModel, resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.outputs import DynamicOutput
 from dynaneural.registry import register_model
@@ -187,7 +185,7 @@ class DeformResNetConfig:
     offset_init_std: float = 0.0
 
 
-class DeformResNet(DynamicModel):
+class DeformResNet(AllOnFlag, DynamicModel):
     """A CIFAR ResNet whose chosen blocks are dynamic residual blocks (a deformable second convolution)."""
 
     def __init__(self, cfg: DeformResNetConfig) -> None:
@@ -215,14 +213,7 @@ class DeformResNet(DynamicModel):
         self.fixed_flops += cfg.widths[-1] * size * size + cfg.widths[-1] * cfg.num_classes
         self._all_on = False
 
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        """The regular sampling grid everywhere (offset convs not run): the static twin."""
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
+    # all_on() comes from AllOnFlag: The regular sampling grid everywhere (offset convs not run): the static twin.
 
     def to_static(self) -> nn.Module:
         static = copy.deepcopy(self.net)

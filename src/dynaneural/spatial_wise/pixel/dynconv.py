@@ -25,16 +25,14 @@ which :meth:`DynConvResNet.load_static` supports (the CIFAR bench does it).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from dynaneural.compute.ledger import CostLedger
-from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.contract import AllOnFlag, DynamicModel, resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies import BudgetLoss, TemperatureSchedule, binary_decision
@@ -91,7 +89,7 @@ class DynConvConfig:
             raise ValueError(f"input_size {self.input_size} must be divisible by the total stride")
 
 
-class DynConvResNet(DynamicModel):
+class DynConvResNet(AllOnFlag, DynamicModel):
     """A CIFAR ResNet whose residual blocks compute only at the positions their spatial gate selects."""
 
     def __init__(self, cfg: DynConvConfig) -> None:
@@ -123,14 +121,6 @@ class DynConvResNet(DynamicModel):
             blk.dense_cost(s, s) for blk, s in zip(self.net.blocks, self.out_hw, strict=True))
 
     # --------------------------------------------------------------------------------------- contract
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
-
     def to_static(self) -> nn.Module:
         return copy.deepcopy(self.net)
 

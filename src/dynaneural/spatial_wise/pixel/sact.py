@@ -20,16 +20,14 @@ stage runs at every position (ACT runs at least one step). ``eps`` is the knob c
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from dynaneural.compute.ledger import CostLedger
-from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.contract import AllOnFlag, DynamicModel, resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.outputs import DynamicOutput
 from dynaneural.registry import register_model
@@ -105,7 +103,7 @@ class SACTConfig:
             raise ValueError("every stage needs at least 2 units for adaptive computation time")
 
 
-class SACTResNet(DynamicModel):
+class SACTResNet(AllOnFlag, DynamicModel):
     """A CIFAR ResNet whose stages stop computing at positions that halted (SACT)."""
 
     def __init__(self, cfg: SACTConfig) -> None:
@@ -129,14 +127,7 @@ class SACTResNet(DynamicModel):
         self.head_flops = float(cfg.widths[-1] * size * size + cfg.widths[-1] * cfg.num_classes)
         self._all_on = False
 
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        """Every position runs every unit and the stage output is the last unit's (no halting): the static net."""
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
+    # all_on() comes from AllOnFlag: Every position runs every unit and the stage output is the last unit's (no halting): the static net.
 
     def to_static(self) -> nn.Module:
         return copy.deepcopy(self.net)

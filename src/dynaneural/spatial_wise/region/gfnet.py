@@ -25,8 +25,7 @@ same network always taking T glances, :class:`StaticGlanceFocus`.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +35,7 @@ from torch import nn
 
 from dynaneural.compute.flops import static_flops
 from dynaneural.compute.ledger import CostLedger
-from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.contract import AllOnFlag, DynamicModel, resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.layers import ConvBNAct
 from dynaneural.outputs import DynamicOutput
@@ -132,7 +131,7 @@ class StaticGlanceFocus(nn.Module):
         return self.head(h)
 
 
-class GFNet(DynamicModel):
+class GFNet(AllOnFlag, DynamicModel):
     """Glance and focus; see the module docstring."""
 
     def __init__(self, cfg: GFNetConfig) -> None:
@@ -155,14 +154,6 @@ class GFNet(DynamicModel):
         self._costs: dict[str, float] | None = None
 
     # ------------------------------------------------------------------------------------------- contract
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
-
     def to_static(self) -> StaticGlanceFocus:
         return StaticGlanceFocus(self)
 

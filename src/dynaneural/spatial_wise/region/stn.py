@@ -19,8 +19,6 @@ crop size and classifies it.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +28,7 @@ from torch import nn
 
 from dynaneural.compute.flops import static_flops
 from dynaneural.compute.ledger import CostLedger
-from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.contract import AllOnFlag, DynamicModel, resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.layers import ConvBNAct, PooledLinearHead
 from dynaneural.outputs import DynamicOutput
@@ -116,7 +114,7 @@ class _Static(nn.Module):
         return self.classifier(self.sampler(x, ident))
 
 
-class STNSelector(DynamicModel):
+class STNSelector(AllOnFlag, DynamicModel):
     """Spatial-transformer region selector; see the module docstring."""
 
     def __init__(self, cfg: STNConfig) -> None:
@@ -142,14 +140,6 @@ class STNSelector(DynamicModel):
         self.classifier = nn.Sequential(*cls, PooledLinearHead(prev, cfg.num_classes))
         self._all_on = False
         self._costs: dict[str, float] | None = None
-
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
 
     def to_static(self) -> nn.Module:
         return _Static(self.sampler, self.classifier)

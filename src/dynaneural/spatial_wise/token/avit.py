@@ -26,9 +26,7 @@ the output is the last block's class token, i.e. the backbone ViT the method is 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dynaneural.compute.ledger import CostLedger
-from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.contract import AllOnFlag, DynamicModel, resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.outputs import DynamicOutput
 from dynaneural.registry import register_model
@@ -85,7 +83,7 @@ class AViTOutput(DynamicOutput):
     halting: torch.Tensor | None = None
 
 
-class AViT(DynamicModel):
+class AViT(AllOnFlag, DynamicModel):
     """A-ViT on a small ViT; see the module docstring."""
 
     def __init__(self, cfg: AViTConfig) -> None:
@@ -103,14 +101,7 @@ class AViT(DynamicModel):
         self._all_on = False
 
     # ------------------------------------------------------------------------------------------- contract
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        """No token halts; the output is the last block's class token (the backbone ViT)."""
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
+    # all_on() comes from AllOnFlag: No token halts; the output is the last block's class token (the backbone ViT).
 
     def to_static(self) -> VisionTransformer:
         return self.vit

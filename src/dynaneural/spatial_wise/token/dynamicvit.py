@@ -28,8 +28,6 @@ here the count is per sample, by threshold, which is what makes the ragged execu
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +35,7 @@ import torch
 from torch import nn
 
 from dynaneural.compute.ledger import CostLedger
-from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.contract import AllOnFlag, DynamicModel, resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies import BudgetLoss, TemperatureSchedule, binary_decision
@@ -124,7 +122,7 @@ class TokenPredictor(nn.Module):
         return self.out_conv(torch.cat([h[:, :half], g], -1)).squeeze(-1)
 
 
-class DynamicViT(DynamicModel):
+class DynamicViT(AllOnFlag, DynamicModel):
     """DynamicViT on a small ViT; see the module docstring."""
 
     def __init__(self, cfg: DynamicViTConfig) -> None:
@@ -145,14 +143,7 @@ class DynamicViT(DynamicModel):
     def set_train_progress(self, progress: float) -> None:
         self._tau = self.cfg.tau(progress)
 
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        """Every token kept; the prediction modules are not even run (the static ViT)."""
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
+    # all_on() comes from AllOnFlag: Every token kept; the prediction modules are not even run (the static ViT).
 
     def to_static(self) -> VisionTransformer:
         """The static ViT (shares this model's backbone)."""

@@ -24,9 +24,7 @@ are not counted.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from dynaneural.compute.ledger import CostLedger
-from dynaneural.contract import DynamicModel, resolve_mode
+from dynaneural.contract import AllOnFlag, DynamicModel, resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.outputs import DynamicOutput
 from dynaneural.registry import register_model
@@ -91,7 +89,7 @@ def _cap(merge: torch.Tensor, score: torch.Tensor, r: int | None) -> torch.Tenso
     return merge & (place < r)
 
 
-class ToMe(DynamicModel):
+class ToMe(AllOnFlag, DynamicModel):
     """Token merging on a small ViT; see the module docstring."""
 
     def __init__(self, cfg: ToMeConfig) -> None:
@@ -105,14 +103,7 @@ class ToMe(DynamicModel):
         self.head_dim = cfg.vit.dim // cfg.vit.heads
         self._all_on = False
 
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        """No merging, no matching: the static ViT."""
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
+    # all_on() comes from AllOnFlag: No merging, no matching: the static ViT.
 
     def to_static(self) -> VisionTransformer:
         return self.vit

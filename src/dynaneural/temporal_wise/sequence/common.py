@@ -12,15 +12,13 @@ for the LSTM, 3 for the GRU), an embedding lookup 0, a linear layer its MACs.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from dynaneural.contract import DynamicModel
+from dynaneural.contract import AllOnFlag, DynamicModel
 from dynaneural.validation import check_batch, check_token_batch
 
 __all__ = ["CellKind", "RecurrentBackbone", "StaticRecurrentClassifier", "TokenEmbedding", "cell_flops",
@@ -149,7 +147,7 @@ def check_sequence_batch(model: nn.Module, x: object) -> torch.Tensor:
     return x
 
 
-class SequenceModel(DynamicModel):
+class SequenceModel(AllOnFlag, DynamicModel):
     """What the sequence models share: token-id or feature inputs, the all-updates-on switch, and the static twin
     (the fused recurrent classifier over ``self.backbone``, a :class:`RecurrentBackbone`)."""
 
@@ -163,14 +161,6 @@ class SequenceModel(DynamicModel):
         else:
             self.input_shape = (max_len, int(input_size))  # type: ignore[arg-type]
         self._all_on = False
-
-    @contextlib.contextmanager
-    def all_on(self) -> Iterator[None]:
-        prev, self._all_on = self._all_on, True
-        try:
-            yield
-        finally:
-            self._all_on = prev
 
     def to_static(self) -> StaticRecurrentClassifier:
         return StaticRecurrentClassifier(self.backbone)
