@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dynaneural.calibration.thresholds import KnobCalibration, calibrate_knob
+from dynaneural.calibration.thresholds import KnobCalibration
 from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import resolve_mode
 from dynaneural.execution import Mode, rows_where
@@ -46,7 +46,7 @@ from dynaneural.sample_wise.halting.steps import (
     RecurrentBody,
     ResidualBody,
     _bcast,
-    mean_execute_cost,
+    calibrate_halting_attr,
     seeded_init,
 )
 
@@ -256,22 +256,8 @@ def calibrate_act_eps(model: AdaptiveComputationTime, x: torch.Tensor, *, budget
     ``unit``: ``fraction`` of the full (M-step) cost, ``flops`` per sample, or mean ponder ``steps`` per sample.
     A larger ε halts earlier. Raises ``ValueError`` (model unchanged) if the budget is out of reach.
     """
-    full = model.full_cost()
-
-    def mean_cost(eps: float) -> float:
-        before = model.eps
-        model.eps = eps
-        try:
-            flops, steps = mean_execute_cost(model, x, batch_size=batch_size)
-        finally:
-            model.eps = before
-        return {"fraction": flops / full, "flops": flops, "steps": steps}[unit]
-
-    def set_knob(eps: float) -> None:
-        model.eps = float(eps)
-
-    return calibrate_knob(mean_cost=mean_cost, set_knob=set_knob, budget=budget, lo=lo, hi=hi, unit=unit,
-                          current=model.eps)
+    return calibrate_halting_attr(model, x, attr="eps", budget=budget, unit=unit, lo=lo, hi=hi,
+                                  batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------------------------------- registry

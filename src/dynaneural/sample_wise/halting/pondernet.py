@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynaneural.calibration.thresholds import KnobCalibration, calibrate_knob
+from dynaneural.calibration.thresholds import KnobCalibration
 from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import resolve_mode
 from dynaneural.execution import Mode, rows_where
@@ -47,7 +47,7 @@ from dynaneural.sample_wise.halting.steps import (
     PonderingModel,
     RecurrentBody,
     ResidualBody,
-    mean_execute_cost,
+    calibrate_halting_attr,
     seeded_init,
 )
 
@@ -283,25 +283,11 @@ def calibrate_pondernet_threshold(model: PonderNet, x: torch.Tensor, *, budget: 
 
     Switches the model to ``halting="threshold"``. Raises ``ValueError`` (model unchanged) if out of reach.
     """
-    full = model.full_cost()
     before_rule = model.halting
     model.halting = "threshold"
-
-    def mean_cost(q: float) -> float:
-        before = model.threshold
-        model.threshold = q
-        try:
-            flops, steps = mean_execute_cost(model, x, batch_size=batch_size)
-        finally:
-            model.threshold = before
-        return {"fraction": flops / full, "flops": flops, "steps": steps}[unit]
-
-    def set_knob(q: float) -> None:
-        model.threshold = float(q)
-
     try:
-        return calibrate_knob(mean_cost=mean_cost, set_knob=set_knob, budget=budget, lo=lo, hi=hi, unit=unit,
-                              current=model.threshold)
+        return calibrate_halting_attr(model, x, attr="threshold", budget=budget, unit=unit, lo=lo, hi=hi,
+                                      batch_size=batch_size)
     except ValueError:
         model.halting = before_rule
         raise

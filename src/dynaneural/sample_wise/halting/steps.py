@@ -30,7 +30,7 @@ from dynaneural.compute.flops import count_flops
 from dynaneural.contract import DynamicModel
 from dynaneural.validation import check_batch
 
-__all__ = ["BodyCosts", "PonderBody", "PonderingModel", "RecurrentBody", "ResidualBody", "mean_execute_cost",
+__all__ = ["BodyCosts", "PonderBody", "PonderingModel", "RecurrentBody", "ResidualBody", "calibrate_halting_attr", "mean_execute_cost",
            "seeded_init"]
 
 
@@ -282,3 +282,27 @@ def mean_execute_cost(model: DynamicModel, x: torch.Tensor, *, batch_size: int =
     finally:
         model.train(was)
     return float(torch.cat(costs).mean()), float(torch.cat(steps).mean())
+
+
+def calibrate_halting_attr(model: Any, x: torch.Tensor, *, attr: str, budget: float,
+                           unit: Literal["fraction", "flops", "steps"], lo: float, hi: float,
+                           batch_size: int = 512) -> Any:
+    """Fit the float attribute ``attr`` of a halting model (ACT's ε, PonderNet's threshold) so that the mean
+    execute cost on ``x`` meets ``budget``: a ``fraction`` of ``model.full_cost()``, ``flops`` per sample or mean
+    ponder ``steps``. Bisection by :func:`~dynaneural.calibration.calibrate_knob`; raises ``ValueError`` with the
+    model unchanged when the budget is out of reach."""
+    from dynaneural.calibration import calibrate_knob
+
+    full = model.full_cost()
+
+    def mean_cost(v: float) -> float:
+        before = getattr(model, attr)
+        setattr(model, attr, v)
+        try:
+            flops, steps = mean_execute_cost(model, x, batch_size=batch_size)
+        finally:
+            setattr(model, attr, before)
+        return {"fraction": flops / full, "flops": flops, "steps": steps}[unit]
+
+    return calibrate_knob(mean_cost=mean_cost, set_knob=lambda v: setattr(model, attr, float(v)), budget=budget,
+                          lo=lo, hi=hi, unit=unit, current=getattr(model, attr))
