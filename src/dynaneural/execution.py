@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["Mode", "group_rows", "rows_where", "run_rows", "tree_index_select", "tree_map"]
+__all__ = ["Mode", "group_rows", "rows_where", "run_rows", "scatter_exits", "tree_index_select", "tree_map"]
 
 
 class Mode(str, Enum):
@@ -94,3 +94,21 @@ def group_rows(keys: torch.Tensor, num_groups: int) -> list[torch.Tensor]:
     if len(counts) > num_groups:
         raise ValueError(f"keys must lie in [0, {num_groups}), got max {int(keys.max())}")
     return list(torch.split(order, counts))
+
+
+def scatter_exits(out: torch.Tensor, exit_index: torch.Tensor, active: torch.Tensor | None,
+                  rows: torch.Tensor | None, logits: torch.Tensor, k: int) -> None:
+    """Early-exit bookkeeping of a compacted batch: write the ``logits`` of ``rows`` (indices into the active
+    sub-batch; None = all of it) to their input positions in ``out`` and record exit ``k`` in ``exit_index``.
+    ``active`` maps sub-batch rows to input positions (None = the whole batch, in order: no gather needed)."""
+    if rows is None:
+        if active is None:
+            out.copy_(logits)
+            exit_index.fill_(k)
+        else:
+            out.index_copy_(0, active, logits)
+            exit_index.index_fill_(0, active, k)
+        return
+    dest = rows if active is None else active.index_select(0, rows)
+    out.index_copy_(0, dest, logits.index_select(0, rows))
+    exit_index.index_fill_(0, dest, k)

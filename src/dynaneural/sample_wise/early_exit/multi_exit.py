@@ -32,7 +32,7 @@ from torch import nn
 from dynaneural.compute.flops import static_flops
 from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import DynamicModel
-from dynaneural.execution import Mode, tree_index_select
+from dynaneural.execution import Mode, scatter_exits, tree_index_select
 from dynaneural.outputs import EarlyExitOutput
 from dynaneural.policies.exit_rules import ExitPolicyHead, ExitRule, create_exit_rule
 from dynaneural.validation import check_batch
@@ -366,7 +366,7 @@ class MultiExitNetwork(DynamicModel):
             if logits_out is None:
                 logits_out = logits.new_empty((b, logits.shape[-1]))
             if k == last or deadline_hit:
-                self._scatter(logits_out, exit_index, active, None, logits, k)
+                scatter_exits(logits_out, exit_index, active, None, logits, k)
                 break
             pl = None
             if with_policy:
@@ -378,10 +378,10 @@ class MultiExitNetwork(DynamicModel):
             if n_stop == 0:
                 continue
             if n_stop == stop.numel():  # everyone still running leaves (always the case at batch 1): no gather
-                self._scatter(logits_out, exit_index, active, None, logits, k)
+                scatter_exits(logits_out, exit_index, active, None, logits, k)
                 break
             stop_idx = stop.nonzero().squeeze(1)
-            self._scatter(logits_out, exit_index, active, stop_idx, logits, k)
+            scatter_exits(logits_out, exit_index, active, stop_idx, logits, k)
             keep = (~stop).nonzero().squeeze(1)
             # Compaction: the samples that left are dropped from the state; later stages never see them.
             h = tree_index_select(h, keep)
@@ -390,19 +390,3 @@ class MultiExitNetwork(DynamicModel):
         assert logits_out is not None
         return EarlyExitOutput(logits=logits_out, cost=ledger.flops, decisions={"exit": exit_index},
                                mode=Mode.EXECUTE, cost_by_part=ledger.by_part)
-
-    @staticmethod
-    def _scatter(out: torch.Tensor, exit_index: torch.Tensor, active: torch.Tensor | None,
-                 rows: torch.Tensor | None, logits: torch.Tensor, k: int) -> None:
-        """Write the logits of ``rows`` (indices into the active sub-batch; None = all) to their input positions."""
-        if rows is None:
-            if active is None:
-                out.copy_(logits)
-                exit_index.fill_(k)
-            else:
-                out.index_copy_(0, active, logits)
-                exit_index.index_fill_(0, active, k)
-            return
-        dest = rows if active is None else active.index_select(0, rows)
-        out.index_copy_(0, dest, logits.index_select(0, rows))
-        exit_index.index_fill_(0, dest, k)

@@ -35,7 +35,7 @@ from dynaneural.calibration.thresholds import KnobCalibration, calibrate_knob
 from dynaneural.compute.flops import static_flops
 from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import DynamicModel, resolve_mode
-from dynaneural.execution import Mode, tree_index_select
+from dynaneural.execution import Mode, scatter_exits, tree_index_select
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies.exit_rules import ExitRule, create_exit_rule
 from dynaneural.registry import register_model
@@ -229,7 +229,7 @@ class RecurrentExitNetwork(DynamicModel):
             ledger.charge(enc_c + cell_c, rows)
             if t == s - 1:
                 ledger.charge(cls_c, rows)
-                _scatter(out, exit_step, rows, None, self.classifier(h), t)
+                scatter_exits(out, exit_step, rows, None, self.classifier(h), t)
                 break
             if not enabled or t < self.min_steps - 1:
                 continue
@@ -241,9 +241,9 @@ class RecurrentExitNetwork(DynamicModel):
             if n_stop == 0:
                 continue
             if n_stop == stop.numel():
-                _scatter(out, exit_step, rows, None, z, t)
+                scatter_exits(out, exit_step, rows, None, z, t)
                 break
-            _scatter(out, exit_step, rows, stop.nonzero().squeeze(1), z, t)
+            scatter_exits(out, exit_step, rows, stop.nonzero().squeeze(1), z, t)
             keep = (~stop).nonzero().squeeze(1)
             # Compaction: the samples that stopped leave the batch; their later frames are never encoded.
             h, c, state = h.index_select(0, keep), c.index_select(0, keep), tree_index_select(state, keep)
@@ -292,22 +292,6 @@ class RecurrentExitNetwork(DynamicModel):
         return calibrate_knob(mean_cost=mean_cost, set_knob=lambda v: self.exit_threshold.fill_(float(v)),
                               budget=budget, lo=float(finite.min()), hi=float(finite.max()) + 1e-3, unit=unit,
                               current=float(self.exit_threshold))
-
-
-def _scatter(out: torch.Tensor, exit_step: torch.Tensor, rows: torch.Tensor | None, sel: torch.Tensor | None,
-             logits: torch.Tensor, t: int) -> None:
-    """Write the logits of ``sel`` (indices into the active sub-batch; None = all) to their input positions."""
-    if sel is None:
-        if rows is None:
-            out.copy_(logits)
-            exit_step.fill_(t)
-        else:
-            out.index_copy_(0, rows, logits)
-            exit_step.index_fill_(0, rows, t)
-        return
-    dest = sel if rows is None else rows.index_select(0, sel)
-    out.index_copy_(0, dest, logits.index_select(0, sel))
-    exit_step.index_fill_(0, dest, t)
 
 
 def _frame_exit(*, frames: int, size: int, widths: tuple[int, ...], hidden: int, num_classes: int,
