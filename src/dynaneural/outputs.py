@@ -42,11 +42,15 @@ class EarlyExitOutput(DynamicOutput):
         exit_scores: the exit rule's score at each exit, (B, K); simulate mode only (NaN where not applicable).
         policy_logits: learned exit-policy logits per intermediate exit, each (B,); train/simulate mode with a
             learned policy only.
+        reached_scores: per exit, the exit rule's scores of the samples that reached that exit and were scored
+            there, in no particular order (``None`` where no score was computed: a disabled exit, the last one);
+            simulate and execute mode. Label-free feedback for :class:`~dynaneural.calibration.ExitBudgetController`.
     """
 
     exit_logits: list[torch.Tensor] | None = None
     exit_scores: torch.Tensor | None = None
     policy_logits: list[torch.Tensor] | None = None
+    reached_scores: list[torch.Tensor | None] | None = None
 
     @property
     def exit_index(self) -> torch.Tensor:

@@ -46,6 +46,9 @@ def test_demo_writes_metrics_and_plots(demo_run):
             assert key in r
         assert 0 < r["mean_flops"] <= metrics["full_depth_flops"]
         assert abs(r["theoretical_speedup"] - metrics["full_depth_flops"] / r["mean_flops"]) < 1e-9
+        # the same budget held online on the test stream, recorded beside the fixed-threshold figure
+        assert 0 <= r["controlled_accuracy"] <= 1
+        assert r["controlled_budget_error"] == pytest.approx(r["controlled_achieved_budget"] / r["budget"] - 1)
     for png in ("accuracy_vs_compute.png", "exit_histogram.png"):
         assert (demo_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

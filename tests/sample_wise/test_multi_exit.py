@@ -85,3 +85,22 @@ def test_execute_never_runs_later_stages_for_exited_samples():
     counts = torch.bincount(out.exit_index, minlength=3)
     assert seen == [40, 40 - int(counts[0]), 40 - int(counts[0]) - int(counts[1])]
     assert seen[-1] < 40
+
+
+@pytest.mark.parametrize("rule", ["confidence", "entropy", "patience"])
+def test_reached_scores_agree_between_simulate_and_execute(rule):
+    """The label-free feedback the budget controller reads: the same scores, exit by exit, in both modes."""
+    model = dn.create_model("test_exit_convnet").eval()
+    x = torch.randn(300, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    stats = collect_exit_statistics(model, x, torch.zeros(300, dtype=torch.long), rule=rule)
+    mid = stats.scores[:, :-1].nanquantile(0.5, dim=0).tolist()
+    thr = [*mid, float("-inf")]
+    with torch.inference_mode():
+        sim = model(x, mode="simulate", rule=rule, thresholds=thr)
+        exe = model(x, mode="execute", rule=rule, thresholds=thr)
+    assert sim.reached_scores is not None and exe.reached_scores is not None
+    assert exe.reached_scores[-1] is None and sim.reached_scores[-1] is None
+    for k in range(model.num_exits - 1):
+        reached = int((sim.exit_index >= k).sum())
+        assert exe.reached_scores[k].numel() == reached
+        torch.testing.assert_close(exe.reached_scores[k].sort().values, sim.reached_scores[k].sort().values)

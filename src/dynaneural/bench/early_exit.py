@@ -16,10 +16,16 @@ from typing import Any
 import torch
 
 from dynaneural.bench.timing import compare
-from dynaneural.calibration import calibrate_exits, collect_exit_statistics, measure_latency_profile
-from dynaneural.sample_wise.early_exit.multi_exit import MultiExitNetwork
+from dynaneural.calibration import (
+    CalibrationResult,
+    ExitBudgetController,
+    calibrate_exits,
+    collect_exit_statistics,
+    measure_latency_profile,
+)
+from dynaneural.sample_wise.early_exit.multi_exit import ExitCostProfile, MultiExitNetwork
 
-__all__ = ["EarlyExitRow", "StaticRow", "benchmark_early_exit", "benchmark_static", "run_in_batches"]
+__all__ = ["EarlyExitRow", "StaticRow", "benchmark_early_exit", "benchmark_static", "controlled_stream", "run_in_batches"]
 
 
 @dataclass
@@ -44,6 +50,10 @@ class EarlyExitRow:
     rule: str
     method: str
     timed_samples: int
+    # The same budget held online on the test stream (ExitBudgetController, batches of 64, test-set order).
+    controlled_accuracy: float | None = None
+    controlled_achieved_budget: float | None = None
+    controlled_budget_error: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +85,39 @@ def _time_subset(x: torch.Tensor, batch_size: int, timed_samples: int) -> torch.
     return x[:n]
 
 
+def _achieved(model: MultiExitNetwork, unit: str, cost: torch.Tensor, exits: torch.Tensor, static_flops: float,
+              predicted_ms: float) -> float:
+    """Mean cost in the budget's unit."""
+    if unit == "fraction":
+        return float(cost.mean()) / static_flops
+    if unit == "flops":
+        return float(cost.mean())
+    if unit == "depth":
+        stage_of = torch.tensor(model.exit_stage, dtype=torch.float64)[exits]
+        return float(((stage_of + 1) / len(model.stages)).mean())
+    return predicted_ms  # ms: the latency model's prediction for the samples' paths
+
+
+@torch.inference_mode()
+def controlled_stream(model: MultiExitNetwork, calibration: CalibrationResult, x: torch.Tensor, *,
+                      batch_size: int = 64, window: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``x`` in order as a stream under an :class:`ExitBudgetController` started from ``calibration``;
+    return (logits, cost, exits). The model's thresholds are restored afterwards."""
+    device = next(model.parameters()).device
+    saved = (model.exit_rule, model.exit_thresholds.clone())
+    ctl = ExitBudgetController.from_calibration(model, calibration, window=window)
+    try:
+        outs = [ctl(x[i:i + batch_size].to(device), validate=False) for i in range(0, x.shape[0], batch_size)]
+    finally:
+        model.configure_exits(rule=saved[0], thresholds=saved[1])
+    return (torch.cat([o.logits for o in outs]).cpu(), torch.cat([o.cost for o in outs]).cpu(),
+            torch.cat([o.exit_index for o in outs]).cpu())
+
+
+def _predicted_ms(latency: ExitCostProfile, enabled: torch.Tensor, exits: torch.Tensor, with_policy: bool) -> float:
+    return float(latency.path_costs(enabled, with_policy=with_policy)[exits].mean())
+
+
 @torch.inference_mode()
 def benchmark_early_exit(model: MultiExitNetwork, *, val_x: torch.Tensor, val_y: torch.Tensor,
                          test_x: torch.Tensor, test_y: torch.Tensor, budgets: Sequence[float],
@@ -92,6 +135,7 @@ def benchmark_early_exit(model: MultiExitNetwork, *, val_x: torch.Tensor, val_y:
     static_flops = model.cost_profile().static_total
     stats = collect_exit_statistics(model, val_x, val_y, rule=rule)
     rows: list[EarlyExitRow] = []
+    controlled: dict[tuple[float, int], tuple[float, float]] = {}
     for bs in batch_sizes:
         # Per-piece latency at this batch size: its prediction separates what FLOPs miss (early stages run at a
         # lower FLOP rate than late ones) from what compaction costs (smaller sub-batches, gathers, decisions).
@@ -108,17 +152,16 @@ def benchmark_early_exit(model: MultiExitNetwork, *, val_x: torch.Tensor, val_y:
             exits = torch.cat([o.exit_index for o in outs]).cpu()
             acc = float((logits.argmax(-1) == test_y).float().mean())
             mean_flops = float(cost.mean())
-            if unit == "fraction":
-                achieved = mean_flops / static_flops
-            elif unit == "flops":
-                achieved = mean_flops
-            elif unit == "depth":
-                stage_of = torch.tensor(model.exit_stage, dtype=torch.float64)[exits]
-                achieved = float(((stage_of + 1) / len(model.stages)).mean())
             enabled = torch.tensor([t != float("inf") for t in res.thresholds])
-            predicted_ms = float(latency.path_costs(enabled, with_policy=stats.rule.needs_policy)[exits].mean())
-            if unit == "ms":  # the latency model's prediction for the samples' paths
-                achieved = predicted_ms
+            predicted_ms = _predicted_ms(latency, enabled, exits, stats.rule.needs_policy)
+            achieved = _achieved(model, unit, cost, exits, static_flops, predicted_ms)
+            key = (float(budget), bs if unit == "ms" else 0)  # ms budgets are calibrated per batch size
+            if key not in controlled:  # label-free online control on the test stream (once per calibration)
+                c_logits, c_cost, c_exits = controlled_stream(model, res, test_x)
+                c_achieved = _achieved(model, unit, c_cost, c_exits, static_flops,
+                                       _predicted_ms(latency, enabled, c_exits, stats.rule.needs_policy))
+                controlled[key] = (float((c_logits.argmax(-1) == test_y).float().mean()), c_achieved)
+            c_acc, c_achieved = controlled[key]
             cmp = compare(lambda xt=xt, bs=bs: run_in_batches(static, xt, bs),
                           lambda xt=xt, bs=bs: run_in_batches(lambda b: model(b, mode="execute", validate=False), xt, bs),
                           repeats=repeats)
@@ -131,7 +174,9 @@ def benchmark_early_exit(model: MultiExitNetwork, *, val_x: torch.Tensor, val_y:
                 static_ms_per_sample=cmp.baseline_s * 1e3 / xt.shape[0],
                 dynamic_ms_per_sample=cmp.candidate_s * 1e3 / xt.shape[0],
                 exit_fractions=torch.bincount(exits, minlength=model.num_exits).double().div(len(exits)).tolist(),
-                thresholds=res.thresholds, rule=rule, method=method, timed_samples=xt.shape[0]))
+                thresholds=res.thresholds, rule=rule, method=method, timed_samples=xt.shape[0],
+                controlled_accuracy=c_acc, controlled_achieved_budget=c_achieved,
+                controlled_budget_error=c_achieved / float(budget) - 1.0))
     return rows
 
 

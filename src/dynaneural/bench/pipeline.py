@@ -167,6 +167,12 @@ def format_table(metrics: dict[str, Any]) -> str:
         lines.append(" | ".join(f"{c:>10}" for c in cells))
     lines.append(f"full depth: {100 * metrics['full_depth_accuracy']:.2f} % at "
                  f"{metrics['full_depth_flops'] / 1e6:.3f} MFLOPs")
+    for budget in sorted({r["budget"] for r in metrics["rows"]}):
+        r0 = next(r for r in metrics["rows"] if r["budget"] == budget)
+        if r0.get("controlled_budget_error") is not None:
+            lines.append(f"budget {budget:g} on the test set: fixed thresholds {100 * r0['budget_error']:+.1f} %, "
+                         f"held online {100 * r0['controlled_budget_error']:+.1f} % "
+                         f"(accuracy {100 * r0['controlled_accuracy']:.2f} %)")
     for o in metrics["overhead_exits_disabled"]:
         lines.append(f"execute mode, every exit disabled, batch {o['batch_size']}: "
                      f"{o['overhead_ratio']:.3f}× the static twin's time")

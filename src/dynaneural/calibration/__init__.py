@@ -1,5 +1,6 @@
 """Calibration of dynamic decisions to a compute or latency budget."""
 
+from dynaneural.calibration.controller import ControllerState, ExitBudgetController
 from dynaneural.calibration.exits import (
     CalibrationResult,
     ExitStatistics,
@@ -11,5 +12,5 @@ from dynaneural.calibration.exits import (
 )
 from dynaneural.calibration.thresholds import KnobCalibration, calibrate_knob
 
-__all__ = ["CalibrationResult", "KnobCalibration", "calibrate_knob", "ExitStatistics", "assign_exits", "calibrate_exits", "collect_exit_statistics",
+__all__ = ["ControllerState", "ExitBudgetController", "CalibrationResult", "KnobCalibration", "calibrate_knob", "ExitStatistics", "assign_exits", "calibrate_exits", "collect_exit_statistics",
            "cost_model", "measure_latency_profile"]

@@ -102,6 +102,24 @@ class StaticChain(nn.Module):
         return self.head(h)
 
 
+@dataclass(frozen=True)
+class _ExitPlan:
+    """Thresholds of one forward, with the Python views execute mode reads per exit (no tensor op per call)."""
+
+    thr: torch.Tensor  # (K,) float32 on the CPU; +inf = disabled, the last is -inf
+    enabled: torch.Tensor  # (K,) bool
+    enabled_list: tuple[bool, ...]
+    thr_list: tuple[float, ...]
+    last: int  # the last enabled exit
+
+    @classmethod
+    def of(cls, thr: torch.Tensor) -> _ExitPlan:
+        enabled = thr != float("inf")
+        enabled_list = tuple(bool(e) for e in enabled.tolist())
+        return cls(thr, enabled, enabled_list, tuple(thr.tolist()),
+                   max(i for i, e in enumerate(enabled_list) if e))
+
+
 class MultiExitNetwork(DynamicModel):
     """A network of stages with exit classifiers after some of them.
 
@@ -129,6 +147,7 @@ class MultiExitNetwork(DynamicModel):
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList(heads[s] for s in exit_stage)
         self.exit_stage: tuple[int, ...] = tuple(exit_stage)
+        self._exit_after = {stage: k for k, stage in enumerate(exit_stage)}  # stage index -> exit index
         self.num_classes = int(num_classes)
         self.input_shape = tuple(int(d) for d in input_shape)
         self.config: dict[str, Any] = dict(config or {})
@@ -239,7 +258,7 @@ class MultiExitNetwork(DynamicModel):
             raise ValueError(f"rule {rule_obj.name!r} needs a model built with exit_policy=True")
         profile = self.cost_profile(tuple(x.shape[1:]))
         if thresholds is None and max_flops is None:
-            thr = self._default_plan()
+            plan = self._default_plan()
         else:
             thr = (torch.as_tensor(thresholds, dtype=torch.float32).flatten().cpu()
                    if thresholds is not None else self.exit_thresholds.detach().float().cpu())
@@ -249,24 +268,24 @@ class MultiExitNetwork(DynamicModel):
             thr[-1] = float("-inf")
             if max_flops is not None:
                 thr = self._apply_deadline(thr, profile, float(max_flops), rule_obj.needs_policy)
-        enabled = thr != float("inf")
+            plan = _ExitPlan.of(thr)
         if mode is Mode.EXECUTE:
             if max_seconds is not None and max_seconds <= 0:
                 raise ValueError("max_seconds must be positive")
-            return self._execute(x, rule_obj, thr, enabled, profile, max_seconds, track_parts)
+            return self._execute(x, rule_obj, plan, profile, max_seconds, track_parts)
         if max_seconds is not None:
             raise ValueError("max_seconds (a wall-clock deadline) only applies in execute mode")
-        return self._full(x, mode, rule_obj, thr.to(x.device), enabled, profile, track_parts)
+        return self._full(x, mode, rule_obj, plan.thr.to(x.device), plan.enabled, profile, track_parts)
 
-    def _default_plan(self) -> torch.Tensor:
-        """The configured thresholds on the CPU, cached until the buffer changes (its version counter moves on
+    def _default_plan(self) -> _ExitPlan:
+        """The configured thresholds as a plan, cached until the buffer changes (its version counter moves on
         every in-place write, ``load_state_dict`` included): saves a few tensor ops per call at batch 1."""
         key = (self.exit_thresholds._version, self.exit_thresholds.data_ptr())
         if getattr(self, "_plan_key", None) != key:
             thr = self.exit_thresholds.detach().float().cpu().clone()
             thr[-1] = float("-inf")
-            self._plan_thr, self._plan_key = thr, key
-        return self._plan_thr
+            self._plan, self._plan_key = _ExitPlan.of(thr), key
+        return self._plan
 
     def _apply_deadline(self, thr: torch.Tensor, profile: ExitCostProfile, max_flops: float, with_policy: bool
                         ) -> torch.Tensor:
@@ -333,53 +352,70 @@ class MultiExitNetwork(DynamicModel):
         path = profile.path_costs(enabled.cpu(), with_policy=with_policy).to(x.device)
         ledger = CostLedger.zeros(b, device=x.device)
         ledger.charge(path[exit_index])
+        last = max(i for i, e in enumerate(enabled.tolist()) if e)
+        reached: list[torch.Tensor | None] = [  # what execute mode scores: enabled exits before the last one
+            scores[exit_index >= k, k] if bool(enabled[k]) and k < last else None for k in range(self.num_exits)]
         return EarlyExitOutput(logits=logits, cost=ledger.flops, decisions={"exit": exit_index}, mode=mode,
-                               exit_logits=exit_logits, exit_scores=scores, policy_logits=policy_logits)
+                               exit_logits=exit_logits, exit_scores=scores, policy_logits=policy_logits,
+                               reached_scores=reached)
 
-    def _execute(self, x: torch.Tensor, rule: ExitRule, thr: torch.Tensor, enabled: torch.Tensor,
-                 profile: ExitCostProfile, max_seconds: float | None, track_parts: bool) -> EarlyExitOutput:
-        """Execute: run each stage on the samples still active only; scatter exits back in input order."""
-        start = time.perf_counter()
+    def _execute(self, x: torch.Tensor, rule: ExitRule, plan: _ExitPlan, profile: ExitCostProfile,
+                 max_seconds: float | None, track_parts: bool) -> EarlyExitOutput:
+        """Execute: run each stage on the samples still active only; scatter exits back in input order.
+
+        While no sample has left, nothing is gathered or scattered: the batch runs as it came, and if everyone
+        leaves at one exit (always the case at batch 1, or with every exit disabled) that exit's logits are the
+        output as they are. So the machinery's overhead over the static twin is a few Python calls per forward.
+        """
+        start = time.perf_counter() if max_seconds is not None else 0.0
         b = x.shape[0]
         device = x.device
         ledger = CostLedger.zeros(b, device=device, track_parts=track_parts)
-        enabled_list = enabled.tolist()
-        last = max(i for i, e in enumerate(enabled_list) if e)
-        thr_list = thr.tolist()
+        exit_after = self._exit_after
+        enabled_list, thr_list, last = plan.enabled_list, plan.thr_list, plan.last
         with_policy = rule.needs_policy
-        logits_out: torch.Tensor | None = None
-        exit_index = torch.full((b,), last, dtype=torch.long, device=device)
+        logits_out: torch.Tensor | None = None  # created at the first partial exit
+        exit_index: torch.Tensor | None = None
         active: torch.Tensor | None = None  # None means "all samples, in order": no gather needed yet
         state = rule.init_state(b, device)
+        reached: list[torch.Tensor | None] = [None] * self.num_exits
         h: Any = x
         for s, stage in enumerate(self.stages):
             h = stage(h)
-            ledger.charge(profile.stage[s], active, part=f"stage{s}")
-            if s not in self.exit_stage:
+            ledger.charge(profile.stage[s], active, part=f"stage{s}" if track_parts else "")
+            k = exit_after.get(s)
+            if k is None:
                 continue
-            k = self.exit_stage.index(s)
             deadline_hit = max_seconds is not None and time.perf_counter() - start >= max_seconds
             if not enabled_list[k] and not deadline_hit:  # past the deadline any exit will do, even a disabled one
                 continue
             logits = self.heads[k](h)
-            ledger.charge(profile.head[k], active, part=f"exit{k}")
+            ledger.charge(profile.head[k], active, part=f"exit{k}" if track_parts else "")
+            everyone = k == last or deadline_hit
+            if not everyone:
+                pl = None
+                if with_policy:
+                    pl = self._policy_logit(k, logits)
+                    ledger.charge(profile.policy[k], active, part=f"policy{k}")
+                score, state = rule.score(logits, state, policy_logit=pl)
+                reached[k] = score
+                stop = score >= thr_list[k]
+                n_stop = int(stop.sum())  # the one host sync per exit
+                if n_stop == 0:
+                    continue
+                everyone = n_stop == stop.numel()
+            if everyone:  # everyone still running leaves here: no gather
+                if logits_out is None:  # nobody left before: these logits are the output, in input order
+                    return EarlyExitOutput(logits=logits, cost=ledger.flops,
+                                           decisions={"exit": torch.full((b,), k, dtype=torch.long, device=device)},
+                                           mode=Mode.EXECUTE, cost_by_part=ledger.by_part, reached_scores=reached)
+                assert exit_index is not None
+                scatter_exits(logits_out, exit_index, active, None, logits, k)
+                break
             if logits_out is None:
                 logits_out = logits.new_empty((b, logits.shape[-1]))
-            if k == last or deadline_hit:
-                scatter_exits(logits_out, exit_index, active, None, logits, k)
-                break
-            pl = None
-            if with_policy:
-                pl = self._policy_logit(k, logits)
-                ledger.charge(profile.policy[k], active, part=f"policy{k}")
-            score, state = rule.score(logits, state, policy_logit=pl)
-            stop = score >= thr_list[k]
-            n_stop = int(stop.sum())  # the one host sync per exit
-            if n_stop == 0:
-                continue
-            if n_stop == stop.numel():  # everyone still running leaves (always the case at batch 1): no gather
-                scatter_exits(logits_out, exit_index, active, None, logits, k)
-                break
+                exit_index = torch.full((b,), last, dtype=torch.long, device=device)
+            assert exit_index is not None
             stop_idx = stop.nonzero().squeeze(1)
             scatter_exits(logits_out, exit_index, active, stop_idx, logits, k)
             keep = (~stop).nonzero().squeeze(1)
@@ -387,6 +423,6 @@ class MultiExitNetwork(DynamicModel):
             h = tree_index_select(h, keep)
             state = tree_index_select(state, keep)
             active = keep if active is None else active.index_select(0, keep)
-        assert logits_out is not None
+        assert logits_out is not None and exit_index is not None
         return EarlyExitOutput(logits=logits_out, cost=ledger.flops, decisions={"exit": exit_index},
-                               mode=Mode.EXECUTE, cost_by_part=ledger.by_part)
+                               mode=Mode.EXECUTE, cost_by_part=ledger.by_part, reached_scores=reached)
