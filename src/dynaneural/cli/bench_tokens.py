@@ -11,8 +11,11 @@ the ledger, theoretical speed-up and realized speed-up against the static ViT, t
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,18 +23,31 @@ import torch
 __all__ = ["register", "run_token_bench"]
 
 
-def _train(model: torch.nn.Module, recipe: Any, data: Any, *, epochs: int, seed_offset: int = 0) -> None:
+def _key(*parts: Any) -> str:
+    """A short digest of everything that determines a training run's result (names its checkpoint folder)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _train(model: torch.nn.Module, recipe: Any, data: Any, *, epochs: int, seed_offset: int = 0,
+           checkpoint_dir: Path | None = None) -> None:
+    """Train with the recipe's settings; with a ``checkpoint_dir`` an interrupted run resumes and a finished one
+    is reused as it is (the folder name carries a digest of the model, data and training settings)."""
     from dynaneural.engine import TrainConfig, train
 
     cfg = TrainConfig.from_dict({**recipe.train, "epochs": epochs, "progress": False,
                                  "seed": int(recipe.train.get("seed", 0)) + seed_offset,
-                                 "warmup_epochs": min(float(recipe.train.get("warmup_epochs", 0.0)), epochs)})
+                                 "warmup_epochs": min(float(recipe.train.get("warmup_epochs", 0.0)), epochs),
+                                 "checkpoint_dir": checkpoint_dir})
     train(model, train_x=data.train_x, train_y=data.train_y, config=cfg)
     model.eval()
 
 
-def run_token_bench(recipe: Any, *, data_dir: str | None = None, log: Any = print) -> dict[str, Any]:
-    """Train, calibrate and time the token methods; returns ``{rows, meta}``."""
+def run_token_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | Path | None = None,
+                    log: Any = print) -> dict[str, Any]:
+    """Train, calibrate and time the token methods; returns ``{rows, meta}``.
+
+    With ``out_dir`` every training run checkpoints under ``<out_dir>/checkpoints`` (resumable; reused when the
+    same settings are run again, so re-timing or re-calibrating costs no training)."""
     from dynaneural.bench.rows import SpeedupRow, time_against_static
     from dynaneural.data import load_dataset
     from dynaneural.engine import evaluate
@@ -45,8 +61,14 @@ def run_token_bench(recipe: Any, *, data_dir: str | None = None, log: Any = prin
     bench = recipe.bench
     torch.manual_seed(int(recipe.train.get("seed", 0)))
     t0 = time.perf_counter()
+    ckpt_root = Path(out_dir) / "checkpoints" if out_dir is not None else None
+
+    def ckpt(tag: str, *parts: Any) -> Path | None:
+        return ckpt_root / f"{tag}-{_key(*parts)}" if ckpt_root is not None else None
+
+    backbone_key = _key(recipe.model, recipe.model_kwargs, recipe.data, recipe.train, recipe.dataset)
     base = create_model(recipe.model, **recipe.model_kwargs, threshold=0.0)  # pruning off: the static ViT
-    _train(base, recipe, data, epochs=int(recipe.train.get("epochs", 3)))
+    _train(base, recipe, data, epochs=int(recipe.train.get("epochs", 3)), checkpoint_dir=ckpt("backbone", backbone_key))
     static = base.vit.eval()
     static_acc = evaluate(static, data.test_x, data.test_y).accuracy
     static_flops = base.cost.static_total()
@@ -56,7 +78,8 @@ def run_token_bench(recipe: Any, *, data_dir: str | None = None, log: Any = prin
     if finetune > 0 and any(m in ("dynamicvit", "avit") for m in methods):
         ref = create_model(recipe.model, **recipe.model_kwargs, threshold=0.0)
         ref.load_state_dict(base.state_dict())
-        _train(ref, recipe, data, epochs=finetune, seed_offset=100)
+        _train(ref, recipe, data, epochs=finetune, seed_offset=100,
+               checkpoint_dir=ckpt("static-finetuned", backbone_key, finetune))
         static_ft_acc = evaluate(ref.vit, data.test_x, data.test_y).accuracy
         log(f"static ViT fine-tuned {finetune} more epoch(s): test accuracy {static_ft_acc:.4f}")
     meta: dict[str, Any] = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0]),
@@ -73,7 +96,8 @@ def run_token_bench(recipe: Any, *, data_dir: str | None = None, log: Any = prin
         model.vit.load_state_dict(base.vit.state_dict())
         ref_acc = static_acc
         if method in ("dynamicvit", "avit") and finetune > 0:
-            _train(model, recipe, data, epochs=finetune, seed_offset=i + 1)
+            _train(model, recipe, data, epochs=finetune, seed_offset=i + 1,
+                   checkpoint_dir=ckpt(method, backbone_key, finetune, i, opts.get(f"{method}_kwargs", {})))
             ref_acc = static_ft_acc
         cal = model.calibrate(data.val_x[: int(opts.get("calibration_samples", 2000))], budget=keep, unit="tokens")
         res = evaluate(model, data.test_x, data.test_y, mode="execute")
@@ -113,7 +137,7 @@ def cmd_bench_tokens(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     if args.methods:
         recipe.options["methods"] = args.methods.split(",")
-    out = run_token_bench(recipe, data_dir=args.data_dir, log=lambda s: print(s, flush=True))
+    out = run_token_bench(recipe, data_dir=args.data_dir, out_dir=args.out, log=lambda s: print(s, flush=True))
     print(format_rows(out["rows"]))
     if args.json:
         path = write_bench_json(args.json, out["rows"], recipe=recipe.name, **out["meta"])
@@ -130,6 +154,8 @@ def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
     p.add_argument("--epochs", type=int, default=None, help="epochs of the static backbone")
     p.add_argument("--threads", type=int, default=1, help="torch threads (timing is per thread count)")
     p.add_argument("--json", default=None, help="write the rows here (e.g. benchmarks/tokens_mnist.json)")
+    p.add_argument("--out", default=None, help="folder for resumable, reusable training checkpoints "
+                                               "(e.g. runs/bench-tokens); default: none kept")
     data_opts(p)
     common(p)
     p.set_defaults(fn=cmd_bench_tokens)
