@@ -71,3 +71,18 @@ def test_bad_thresholds_and_rule(model):
 def test_deadline_below_cheapest_exit(model):
     with pytest.raises(ValueError, match="cheapest exit"):
         model(torch.randn(2, 1, 8, 8), max_flops=1.0)
+
+
+def test_finite_check_is_exact_when_the_fast_sum_overflows():
+    from dynaneural.validation import all_finite, check_batch
+
+    big = torch.full((4, 3), 3e38)  # every value finite, their sum is not
+    assert all_finite(big) and check_batch(big, input_shape=(3,)) is big
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = big.clone()
+        x[2, 1] = bad
+        assert not all_finite(x)
+    mixed = torch.tensor([[float("inf"), float("-inf")]])  # the sum is NaN, the values are not
+    assert not all_finite(mixed)
+    with pytest.raises(ValueError, match="1 of 1 samples"):
+        check_batch(mixed, input_shape=(2,))

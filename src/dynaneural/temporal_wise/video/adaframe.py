@@ -333,11 +333,12 @@ class AdaFrame(DynamicModel):
         out = x.new_empty(b, self.num_classes)
         ledger = CostLedger.zeros(b, device=x.device)
         h, c = self.memory.zeros(b, x)
+        frames = x.reshape(b * self.frames, *x.shape[2:])  # (B·T, C, H, W): a view of a contiguous batch
         for t in range(k):
             full = rows.numel() == b
             charge_rows = None if full else rows
             # Gather only the chosen frame of each sample still looking: (n, C, H, W).
-            h, c = self.memory.step(self.encoder(x[rows, nxt]), (h, c))
+            h, c = self.memory.step(self.encoder(frames.index_select(0, rows * self.frames + nxt)), (h, c))
             ledger.charge(c_["encoder"] + c_["memory"], charge_rows)
             order[rows, t] = nxt
             seen[rows, nxt] = True
