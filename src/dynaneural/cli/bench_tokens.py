@@ -11,8 +11,6 @@ the ledger, theoretical speed-up and realized speed-up against the static ViT, t
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,11 +19,6 @@ from typing import Any
 import torch
 
 __all__ = ["register", "run_token_bench"]
-
-
-def _key(*parts: Any) -> str:
-    """A short digest of everything that determines a training run's result (names its checkpoint folder)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _train(model: torch.nn.Module, recipe: Any, data: Any, *, epochs: int, seed_offset: int = 0,
@@ -48,6 +41,7 @@ def run_token_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
 
     With ``out_dir`` every training run checkpoints under ``<out_dir>/checkpoints`` (resumable; reused when the
     same settings are run again, so re-timing or re-calibrating costs no training)."""
+    from dynaneural.bench.cache import run_digest, training_dir
     from dynaneural.bench.rows import SpeedupRow, time_against_static
     from dynaneural.data import load_dataset
     from dynaneural.engine import evaluate
@@ -61,12 +55,10 @@ def run_token_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
     bench = recipe.bench
     torch.manual_seed(int(recipe.train.get("seed", 0)))
     t0 = time.perf_counter()
-    ckpt_root = Path(out_dir) / "checkpoints" if out_dir is not None else None
-
     def ckpt(tag: str, *parts: Any) -> Path | None:
-        return ckpt_root / f"{tag}-{_key(*parts)}" if ckpt_root is not None else None
+        return training_dir(out_dir, tag, *parts)
 
-    backbone_key = _key(recipe.model, recipe.model_kwargs, recipe.data, recipe.train, recipe.dataset)
+    backbone_key = run_digest(recipe.model, recipe.model_kwargs, recipe.data, recipe.train, recipe.dataset)
     base = create_model(recipe.model, **recipe.model_kwargs, threshold=0.0)  # pruning off: the static ViT
     _train(base, recipe, data, epochs=int(recipe.train.get("epochs", 3)), checkpoint_dir=ckpt("backbone", backbone_key))
     static = base.vit.eval()

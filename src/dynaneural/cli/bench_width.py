@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,16 +20,24 @@ import torch
 __all__ = ["register", "run_width_bench"]
 
 
-def _train(model: torch.nn.Module, recipe: Any, data: Any, *, extra: dict[str, Any] | None = None) -> None:
+def _train(model: torch.nn.Module, recipe: Any, data: Any, *, extra: dict[str, Any] | None = None,
+           out_dir: str | Path | None = None, tag: str = "") -> None:
+    """Train with the recipe's settings; with ``out_dir``, resumable and reused (``bench.cache.training_dir``)."""
+    from dynaneural.bench.cache import training_dir
     from dynaneural.engine import TrainConfig, train
 
-    cfg = TrainConfig.from_dict({**recipe.train, "progress": False, **(extra or {})})
+    settings = {**recipe.train, "progress": False, **(extra or {})}
+    ckpt = training_dir(out_dir, tag, getattr(model, "config", None), recipe.options, recipe.data, recipe.dataset,
+                        settings)
+    cfg = TrainConfig.from_dict({**settings, "checkpoint_dir": ckpt})
     train(model, train_x=data.train_x, train_y=data.train_y, val_x=data.val_x, val_y=data.val_y, config=cfg)
     model.eval()
 
 
-def run_width_bench(recipe: Any, *, data_dir: str | None = None, log: Any = print) -> dict[str, Any]:
-    """Train, calibrate and time the recipe's width methods; returns ``{rows, meta}``."""
+def run_width_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | Path | None = None,
+                    log: Any = print) -> dict[str, Any]:
+    """Train, calibrate and time the recipe's width methods; returns ``{rows, meta}``. With ``out_dir`` the
+    trainings checkpoint there and are reused by a re-run with the same settings."""
     from dynaneural.bench.rows import SpeedupRow, time_against_static
     from dynaneural.compute.flops import static_flops
     from dynaneural.data import load_dataset
@@ -64,7 +73,7 @@ def run_width_bench(recipe: Any, *, data_dir: str | None = None, log: Any = prin
     # ---------------------------------------------------------------- slimmable widths
     t0 = time.perf_counter()
     slim = create_model(opts.get("slimmable_model", "slimmable_mnist"))
-    _train(slim, recipe, data)
+    _train(slim, recipe, data, out_dir=out_dir, tag="slimmable")
     meta["slimmable_train_seconds"] = time.perf_counter() - t0
     static = slim.to_static()
     full_flops = static_flops(static, data.test_x[:1])
@@ -89,7 +98,7 @@ def run_width_bench(recipe: Any, *, data_dir: str | None = None, log: Any = prin
     for keep in opts.get("gating_keep", [0.5]):
         t0 = time.perf_counter()
         gate = create_model(opts.get("gating_model", "channel_gating_mnist"), keep=keep)
-        _train(gate, recipe, data, extra={"distill_alpha": 0.0})
+        _train(gate, recipe, data, extra={"distill_alpha": 0.0}, out_dir=out_dir, tag=f"gating-keep{keep}")
         secs = time.perf_counter() - t0
         ev = evaluate(gate, data.test_x, data.test_y, mode="execute")
         log(f"channel gating keep={keep}: {ev.accuracy:.4f} ({secs:.0f} s)")
@@ -114,6 +123,8 @@ def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
     w.add_argument("--epochs", type=int, default=None)
     w.add_argument("--threads", type=int, default=1, help="torch threads (timing is per thread count)")
     w.add_argument("--json", default=None, help="write the rows here (e.g. benchmarks/width_mnist.json)")
+    w.add_argument("--out", default=None, help="folder for resumable, reusable training checkpoints "
+                                               "(e.g. runs/bench-width); default: none kept")
     data_opts(w)
     common(w)
     w.set_defaults(fn=cmd_bench_width)

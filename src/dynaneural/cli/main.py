@@ -54,7 +54,8 @@ def run_recipe_bench(args: argparse.Namespace, *, prefix: str, run: Any) -> int:
     if recipe.dataset != args.dataset:
         raise SystemExit(f"recipe {recipe.name} is for dataset {recipe.dataset}, not {args.dataset}")
     torch.set_num_threads(args.threads)
-    res = run(recipe, data_dir=args.data_dir)
+    extra = {"out_dir": args.out} if getattr(args, "out", None) else {}  # benches that keep checkpoints
+    res = run(recipe, data_dir=args.data_dir, **extra)
     print(format_rows(res["rows"]))
     if args.json:
         path = write_bench_json(args.json, res["rows"], recipe=recipe.name, **res["meta"])

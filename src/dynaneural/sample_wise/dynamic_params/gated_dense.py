@@ -47,7 +47,7 @@ from dynaneural.layers import ConvBNAct
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies import BudgetLoss, TemperatureSchedule, binary_decision
 from dynaneural.registry import register_model
-from dynaneural.sample_wise.dynamic_params.functional import conv_output_size, fold_bn
+from dynaneural.sample_wise.dynamic_params.functional import FoldedBN, conv_output_size
 from dynaneural.validation import check_batch
 
 __all__ = ["GatedDenseConfig", "GatedDenseNet", "calibrate_connections"]
@@ -89,6 +89,7 @@ class _DenseLayer(nn.Module):
         self.splits = in_splits
         self.conv = nn.Conv2d(sum(in_splits), growth, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(growth)
+        self.folded = FoldedBN()  # conv + BN folded once for execute mode
         self.query = nn.Linear(in_splits[-1], key_dim)
         self.keys = nn.ModuleList(nn.Linear(c, key_dim, bias=False) for c in in_splits)
         self.gate_bias = nn.Parameter(torch.zeros(len(in_splits)))
@@ -180,7 +181,7 @@ class GatedDenseNet(AllOnFlag, DynamicModel):
             if self._all_on:
                 y = layer.bn(layer.conv(torch.cat(feats, 1))) if mode is not Mode.EXECUTE else None
                 if y is None:
-                    w, bias = fold_bn(layer.conv.weight, layer.bn)
+                    w, bias = layer.folded(0, layer.conv.weight, layer.bn)
                     y = F.conv2d(torch.cat(feats, 1), w, bias, padding=1)
                 ledger.charge(sum(self.conn_cost[i]) + self.bn_cost, part=f"layer{i}")
             else:
@@ -211,7 +212,7 @@ class GatedDenseNet(AllOnFlag, DynamicModel):
     def _execute_layer(self, layer: _DenseLayer, feats: list[torch.Tensor], gates: torch.Tensor) -> torch.Tensor:
         """BN(conv) of the open connections only: gated-off slices are never read."""
         b = gates.shape[0]
-        w, bias = fold_bn(layer.conv.weight, layer.bn)  # (growth, ΣC, 3, 3)
+        w, bias = layer.folded(0, layer.conv.weight, layer.bn)  # (growth, ΣC, 3, 3)
         w_parts = list(torch.split(w, layer.splits, dim=1))
         out = feats[0].new_empty(b, self.growth, *feats[0].shape[-2:])
         if self.strategy == "connection":

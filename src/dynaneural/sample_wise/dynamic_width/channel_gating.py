@@ -45,7 +45,7 @@ from dynaneural.execution import Mode
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies import straight_through
 from dynaneural.registry import register_model
-from dynaneural.sample_wise.dynamic_params.functional import conv_output_size, fold_bn, per_sample_conv2d
+from dynaneural.sample_wise.dynamic_params.functional import FoldedBN, conv_output_size, per_sample_conv2d
 from dynaneural.validation import check_batch
 
 __all__ = ["ChannelGatedCNN", "ChannelGatingConfig", "GatedConv"]
@@ -86,6 +86,7 @@ class GatedConv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(out_chs)
+        self.folded = FoldedBN()  # conv + BN folded once for execute mode
         self.predictor = nn.Linear(in_chs, out_chs) if keep < 1.0 else None
         if self.predictor is not None:
             # A zero bias lets the input, not a fixed channel preference, decide the ranking from the start.
@@ -207,7 +208,7 @@ class ChannelGatedCNN(AllOnFlag, DynamicModel):
                 ledger.charge(layer.predictor_cost(k_in), part=f"predictor{i}")
                 out_idx = layer.top_k(s)  # (B, k_out)
                 decisions[f"gate{i}"] = torch.zeros_like(s, dtype=torch.bool).scatter_(1, out_idx, True)
-            w, bias = fold_bn(layer.conv.weight, layer.bn)  # (C_out, C_in, 3, 3), (C_out,)
+            w, bias = layer.folded(0, layer.conv.weight, layer.bn)  # (C_out, C_in, 3, 3), (C_out,)
             conv_kw = dict(stride=layer.conv.stride[0], padding=1)
             if out_idx is None and idx is None:
                 h = F.relu(F.conv2d(h, w, bias, **conv_kw))  # type: ignore[arg-type]

@@ -44,7 +44,7 @@ from dynaneural.contract import AllOnFlag, DynamicModel, resolve_mode
 from dynaneural.execution import Mode, group_rows
 from dynaneural.outputs import DynamicOutput
 from dynaneural.registry import register_model
-from dynaneural.sample_wise.dynamic_params.functional import conv_output_size, fold_bn
+from dynaneural.sample_wise.dynamic_params.functional import FoldedBN, conv_output_size
 from dynaneural.validation import check_batch
 
 __all__ = ["SlimConv", "SlimmableCNN", "SlimmableConfig", "SlimmableOutput", "calibrate_width"]
@@ -110,12 +110,13 @@ class SlimConv(nn.Module):
         self.conv = nn.Conv2d(max(in_chs), max(out_chs), 3, stride=stride, padding=1, bias=False)
         self.bns = nn.ModuleList(nn.BatchNorm2d(c) for c in out_chs)  # switchable BN: statistics differ per width
         self.out_size = conv_output_size(in_size, kernel_size=3, stride=stride, padding=1)
+        self._folded = FoldedBN()  # per level, for execute mode
 
     def forward(self, x: torch.Tensor, level: int, *, folded: bool = False) -> torch.Tensor:
         c_in, c_out = self.in_chs[level], self.out_chs[level]
         w = self.conv.weight[:c_out, :c_in]  # the first channels: slimmable weight sharing
         if folded:
-            wf, bf = fold_bn(w, self.bns[level])  # type: ignore[arg-type]
+            wf, bf = self._folded(level, w, self.bns[level])  # type: ignore[arg-type]
             return F.relu(F.conv2d(x, wf, bf, stride=self.conv.stride, padding=1))
         return F.relu(self.bns[level](F.conv2d(x, w, stride=self.conv.stride, padding=1)))
 
@@ -213,8 +214,12 @@ class SlimmableCNN(AllOnFlag, DynamicModel):
             width_logits = self.policy(x)  # (B, L)
             ledger.charge(self.policy_cost, part="policy")
             level = self.choose(width_logits)
-        costs = torch.tensor(self.level_cost, dtype=torch.float64, device=x.device)
         if mode is Mode.EXECUTE:
+            if b == 1:  # one sample, one width: no grouping, no scatter
+                lv = int(level)
+                ledger.charge(self.level_cost[lv], part="backbone")
+                return SlimmableOutput(logits=self.run_level(x, lv, folded=True), cost=ledger.flops,
+                                       decisions={"width": level}, mode=mode, width_logits=width_logits)
             logits = x.new_empty(b, self.num_classes)
             for lv, rows in enumerate(group_rows(level, self.num_levels)):
                 if rows.numel() == 0:
@@ -225,6 +230,7 @@ class SlimmableCNN(AllOnFlag, DynamicModel):
             return SlimmableOutput(logits=logits, cost=ledger.flops, decisions={"width": level}, mode=mode,
                                    width_logits=width_logits)
         # train / simulate: every width on every sample
+        costs = torch.tensor(self.level_cost, dtype=torch.float64, device=x.device)
         exit_logits = [self.run_level(x, lv) for lv in range(self.num_levels)]
         stacked = torch.stack(exit_logits, 1)  # (B, L, classes)
         logits = stacked.gather(1, level[:, None, None].expand(b, 1, self.num_classes)).squeeze(1)

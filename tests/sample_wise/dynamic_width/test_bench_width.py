@@ -1,0 +1,53 @@
+"""The width benchmark end to end on tiny synthetic data, and its trainings reused on a re-run."""
+
+from types import SimpleNamespace
+
+import torch
+
+import dynaneural.data
+from dynaneural.bench.cache import run_digest, training_dir
+from dynaneural.cli.bench_width import run_width_bench
+from dynaneural.recipes import Recipe
+
+
+def _tiny_data(*args, **kwargs):
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        y = torch.arange(n) % 3
+        return torch.randn(n, 1, 28, 28, generator=g) + y.view(n, 1, 1, 1).float(), y
+
+    (tx, ty), (vx, vy), (sx, sy) = split(64), split(64), split(32)
+    return SimpleNamespace(train_x=tx, train_y=ty, val_x=vx, val_y=vy, test_x=sx, test_y=sy, num_classes=3)
+
+
+def _recipe():
+    return Recipe.from_dict({
+        "name": "tiny_width", "model": "slimmable_mnist", "dataset": "mnist",
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.003, "optimizer": "adamw", "device": "cpu"},
+        "calibration": {"budgets": [0.6]},
+        "bench": {"batch_sizes": [1, 16], "repeats": 1, "timed_samples": 32, "timed_samples_batch1": 4},
+        "options": {"gating_keep": [0.5]}})
+
+
+def test_width_bench_rows_and_reused_trainings(monkeypatch, tmp_path):
+    monkeypatch.setattr(dynaneural.data, "load_dataset", _tiny_data)
+    first = run_width_bench(_recipe(), out_dir=tmp_path, log=lambda s: None)
+    assert [(r.method, r.batch_size) for r in first["rows"]] == [
+        ("slimmable", 1), ("slimmable", 16), ("channel_gating", 1), ("channel_gating", 16)]
+    for r in first["rows"]:
+        assert 0 < r.mean_flops <= r.static_flops and r.realized_speedup > 0
+    ckpts = sorted((tmp_path / "checkpoints").rglob("last.safetensors"))
+    assert len(ckpts) == 2
+    stamps = [p.stat().st_mtime_ns for p in ckpts]
+    again = run_width_bench(_recipe(), out_dir=tmp_path, log=lambda s: None)
+    assert [p.stat().st_mtime_ns for p in ckpts] == stamps  # nothing retrained
+    assert [r.accuracy for r in again["rows"]] == [r.accuracy for r in first["rows"]]
+
+
+def test_training_dir_digest_follows_the_settings(tmp_path):
+    assert training_dir(None, "x", 1) is None
+    a = training_dir(tmp_path, "x", {"lr": 0.1, "epochs": 2})
+    assert a == training_dir(tmp_path, "x", {"epochs": 2, "lr": 0.1})  # key order does not matter
+    assert a != training_dir(tmp_path, "x", {"lr": 0.2, "epochs": 2})
+    assert a.name == "x-" + run_digest({"lr": 0.1, "epochs": 2}) and a.parent.name == "checkpoints"
