@@ -100,7 +100,7 @@ def _achieved(model: MultiExitNetwork, unit: str, cost: torch.Tensor, exits: tor
 
 @torch.inference_mode()
 def controlled_stream(model: MultiExitNetwork, calibration: CalibrationResult, x: torch.Tensor, *,
-                      batch_size: int = 64, window: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      batch_size: int = 64, window: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``x`` in order as a stream under an :class:`ExitBudgetController` started from ``calibration``;
     return (logits, cost, exits). The model's thresholds are restored afterwards."""
     device = next(model.parameters()).device

@@ -13,9 +13,17 @@ controller sets ``t_k`` to the score above which a share ``r_k`` of the last ``w
 (MSDNet's assignment rule, applied to a sliding window). No labels are used and nothing extra is computed: the
 scores come from :attr:`~dynaneural.outputs.EarlyExitOutput.reached_scores` of the forward that already ran.
 
-This is a stochastic-approximation controller, not a new calibration: with a stationary stream each threshold
-converges to the stream's quantile, and the exit fractions, hence the mean cost, to the calibrated ones. Accuracy
-then follows the stream (on an easier stream the budget buys deeper exits for the harder samples).
+Holding the fractions is not quite enough: the deep exits cost many times the early ones, so a small error in
+a rare deep exit's fraction is a large error in the mean cost (on MNIST 2 % of the samples reach the last exit and
+pay 12× the first exit's path). An outer integral loop therefore watches the cost itself: the relative shortfall of
+each batch's mean cost is accumulated (``gain`` per ``window`` samples), the fractions' cost set-point is moved by
+it, and the target fractions are re-tilted toward deeper (or earlier) exits, ``f_k ∝ f_k^cal · exp(λ k)``, with λ
+solved so that their cost meets the set-point. A persistent shortfall keeps pushing until the cumulative mean
+cost is back on the budget.
+
+With a stationary stream the thresholds converge to the stream's quantiles, the fractions to the calibrated ones
+and the mean cost to the budget. Accuracy then follows the stream (on an easier stream the budget buys deeper
+exits for the harder samples).
 """
 
 from __future__ import annotations
@@ -85,13 +93,15 @@ class ExitBudgetController:
             :attr:`CalibrationResult.exit_fractions` — see :meth:`from_calibration`.
         window: scores kept per exit; the thresholds follow the last ``window`` samples that reached each exit.
         min_samples: an exit's threshold is left as calibrated until this many scores were seen there.
+        gain: integral gain of the cost loop (relative cost error accumulated per ``window`` samples); 0 holds
+            the fractions only.
 
     Raises:
         ValueError: fractions of the wrong length, negative or not summing to 1; a window or minimum below 1.
     """
 
-    def __init__(self, model: MultiExitNetwork, *, exit_fractions: Sequence[float], window: int = 2048,
-                 min_samples: int = 128) -> None:
+    def __init__(self, model: MultiExitNetwork, *, exit_fractions: Sequence[float], window: int = 512,
+                 min_samples: int = 128, gain: float = 4.0) -> None:
         f = [float(v) for v in exit_fractions]
         if len(f) != model.num_exits:
             raise ValueError(f"expected {model.num_exits} exit fractions, got {len(f)}")
@@ -101,19 +111,46 @@ class ExitBudgetController:
             raise ValueError(f"window and min_samples must be >= 1, got {window} and {min_samples}")
         if min_samples > window:
             raise ValueError(f"min_samples ({min_samples}) cannot exceed the window ({window})")
+        if not math.isfinite(gain) or gain < 0:
+            raise ValueError(f"gain must be a non-negative number, got {gain}")
         self.model = model
         self.exit_fractions = f
         self.min_samples = int(min_samples)
-        # Share of the samples reaching exit k that must leave there.
-        self.rates: list[float] = []
-        remaining = 1.0
-        for v in f:
-            self.rates.append(min(1.0, v / remaining) if remaining > 1e-12 else 1.0)
-            remaining -= v
+        self.window, self.gain = int(window), float(gain)
+        enabled = model.exit_thresholds.detach().cpu() != float("inf")
+        enabled[-1] = True
+        path = model.cost_profile().path_costs(enabled, with_policy=model.exit_rule.needs_policy)
+        self._path = [float(c) if e else 0.0 for c, e in zip(path.tolist(), enabled.tolist(), strict=True)]
+        self.target_cost = sum(fk * ck for fk, ck in zip(f, self._path, strict=True))  # FLOPs per sample
+        self._integral = 0.0  # accumulated relative cost shortfall
+        self.rates = self._rates(f)  # share of the samples reaching exit k that must leave there
         self._windows = [_ScoreWindow(int(window)) for _ in f]
         self._samples = 0
         self._cost = 0.0
         self._exits = torch.zeros(model.num_exits, dtype=torch.float64)
+
+    @staticmethod
+    def _rates(f: Sequence[float]) -> list[float]:
+        rates, remaining = [], 1.0
+        for v in f:
+            rates.append(min(1.0, v / remaining) if remaining > 1e-12 else 1.0)
+            remaining -= v
+        return rates
+
+    def _tilted(self, lam: float) -> list[float]:
+        w = [fk * math.exp(lam * k) for k, fk in enumerate(self.exit_fractions)]
+        total = sum(w)
+        return [v / total for v in w]
+
+    def _fractions_for_cost(self, cost: float) -> list[float]:
+        """The calibrated fractions tilted (f_k ∝ f_k · exp(λ k)) so that their mean path cost is ``cost``."""
+        def mean_cost(lam: float) -> float:
+            return sum(fk * ck for fk, ck in zip(self._tilted(lam), self._path, strict=True))
+        lo, hi = -30.0, 30.0  # the cost rises with λ (mass moves to later, dearer exits)
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if mean_cost(mid) < cost else (lo, mid)
+        return self._tilted((lo + hi) / 2)
 
     @classmethod
     def from_calibration(cls, model: MultiExitNetwork, result: CalibrationResult, **kwargs: Any
@@ -132,8 +169,15 @@ class ExitBudgetController:
         if out.reached_scores is None:
             raise ValueError("this output carries no reached_scores (train mode?): run the model in execute or "
                              "simulate mode")
-        self._samples += out.cost.numel()
-        self._cost += float(out.cost.sum())
+        n = out.cost.numel()
+        batch_cost = float(out.cost.sum())
+        self._samples += n
+        self._cost += batch_cost
+        if self.gain > 0 and self.target_cost > 0:  # the outer loop: move the fractions' cost set-point
+            shortfall = 1.0 - batch_cost / n / self.target_cost
+            # clipped: a set-point the exits cannot reach must not wind the loop up without bound
+            self._integral = min(1.0, max(-1.0, self._integral + self.gain * shortfall * n / self.window))
+            self.rates = self._rates(self._fractions_for_cost(self.target_cost * (1.0 + self._integral)))
         self._exits += torch.bincount(out.exit_index.cpu(), minlength=self.model.num_exits).double()
         for k, s in enumerate(out.reached_scores):
             if s is not None:
