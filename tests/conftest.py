@@ -25,3 +25,28 @@ def _seed_and_one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_mnist(monkeypatch):
+    """Replace ``dynaneural.data.load_dataset`` with tiny 28×28, 3-class synthetic splits (learnable: the class
+    shifts the pixel mean), so a recipe-driven benchmark runs end to end in seconds. Call it with the split sizes
+    to install it: ``tiny_mnist(train=64, val=32, test=32)``."""
+    from types import SimpleNamespace
+
+    import dynaneural.data
+
+    def install(*, train: int = 64, val: int = 32, test: int = 32) -> None:
+        def load(*args, **kwargs):
+            g = torch.Generator().manual_seed(0)
+
+            def split(n):
+                y = torch.arange(n) % 3
+                return torch.randn(n, 1, 28, 28, generator=g) + y.view(n, 1, 1, 1).float(), y
+
+            (tx, ty), (vx, vy), (sx, sy) = split(train), split(val), split(test)
+            return SimpleNamespace(train_x=tx, train_y=ty, val_x=vx, val_y=vy, test_x=sx, test_y=sy, num_classes=3)
+
+        monkeypatch.setattr(dynaneural.data, "load_dataset", load)
+
+    return install

@@ -1,24 +1,9 @@
 """The width benchmark end to end on tiny synthetic data, and its trainings reused on a re-run."""
 
-from types import SimpleNamespace
 
-import torch
-
-import dynaneural.data
 from dynaneural.bench.cache import run_digest, training_dir
 from dynaneural.cli.bench_width import run_width_bench
 from dynaneural.recipes import Recipe
-
-
-def _tiny_data(*args, **kwargs):
-    g = torch.Generator().manual_seed(0)
-
-    def split(n):
-        y = torch.arange(n) % 3
-        return torch.randn(n, 1, 28, 28, generator=g) + y.view(n, 1, 1, 1).float(), y
-
-    (tx, ty), (vx, vy), (sx, sy) = split(64), split(64), split(32)
-    return SimpleNamespace(train_x=tx, train_y=ty, val_x=vx, val_y=vy, test_x=sx, test_y=sy, num_classes=3)
 
 
 def _recipe():
@@ -30,8 +15,8 @@ def _recipe():
         "options": {"gating_keep": [0.5]}})
 
 
-def test_width_bench_rows_and_reused_trainings(monkeypatch, tmp_path):
-    monkeypatch.setattr(dynaneural.data, "load_dataset", _tiny_data)
+def test_width_bench_rows_and_reused_trainings(tiny_mnist, tmp_path):
+    tiny_mnist(train=64, val=64, test=32)
     first = run_width_bench(_recipe(), out_dir=tmp_path, log=lambda s: None)
     assert [(r.method, r.batch_size) for r in first["rows"]] == [
         ("slimmable", 1), ("slimmable", 16), ("channel_gating", 1), ("channel_gating", 16)]

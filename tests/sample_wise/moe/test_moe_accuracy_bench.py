@@ -1,28 +1,13 @@
 """The MoE-vs-dense-twin accuracy benchmark end to end on tiny synthetic data (the real run is a benchmark)."""
 
-from types import SimpleNamespace
-
 import pytest
-import torch
 
-import dynaneural.data
 from dynaneural.cli.bench_moe_accuracy import run_moe_accuracy_bench
 from dynaneural.recipes import Recipe, load_recipe
 
 
-def _tiny_data(*args, **kwargs):
-    g = torch.Generator().manual_seed(0)
-
-    def split(n):
-        y = torch.arange(n) % 3
-        return torch.randn(n, 1, 28, 28, generator=g) + y.view(n, 1, 1, 1).float(), y
-
-    (tx, ty), (vx, vy), (sx, sy) = split(96), split(32), split(48)
-    return SimpleNamespace(train_x=tx, train_y=ty, val_x=vx, val_y=vy, test_x=sx, test_y=sy, num_classes=3)
-
-
-def test_moe_accuracy_bench_trains_both_and_compares_equal_active_flops(monkeypatch):
-    monkeypatch.setattr(dynaneural.data, "load_dataset", _tiny_data)
+def test_moe_accuracy_bench_trains_both_and_compares_equal_active_flops(tiny_mnist):
+    tiny_mnist(train=96, val=32, test=48)
     recipe = Recipe.from_dict({
         "name": "tiny_moe_accuracy", "model": "moe_transformer_mnist", "dataset": "mnist",
         "model_kwargs": {"num_experts": 4, "top_k": 2, "dim": 16, "hidden": 16, "depth": 1, "num_classes": 3},
@@ -39,9 +24,9 @@ def test_moe_accuracy_bench_trains_both_and_compares_equal_active_flops(monkeypa
     assert any(line.startswith("moe:") for line in lines) and any(line.startswith("dense:") for line in lines)
 
 
-def test_moe_accuracy_recipe_parses_and_rejects_expert_choice(monkeypatch):
+def test_moe_accuracy_recipe_parses_and_rejects_expert_choice(tiny_mnist):
     assert load_recipe("moe_accuracy_mnist").model_kwargs["top_k"] == 2
-    monkeypatch.setattr(dynaneural.data, "load_dataset", _tiny_data)
+    tiny_mnist(train=96, val=32, test=48)
     recipe = Recipe.from_dict({"name": "x", "model": "moe_transformer_mnist", "dataset": "mnist",
                                "model_kwargs": {"routing": "expert_choice"}})
     with pytest.raises(ValueError, match="top-k routing"):

@@ -1,23 +1,8 @@
 """The token benchmark end to end on tiny synthetic data: every method, and checkpoints reused on a re-run."""
 
-from types import SimpleNamespace
 
-import torch
-
-import dynaneural.data
 from dynaneural.cli.bench_tokens import run_token_bench
 from dynaneural.recipes import Recipe
-
-
-def _tiny_data(*args, **kwargs):
-    g = torch.Generator().manual_seed(0)
-
-    def split(n):
-        y = torch.arange(n) % 3
-        return torch.randn(n, 1, 28, 28, generator=g) + y.view(n, 1, 1, 1).float(), y
-
-    (tx, ty), (vx, vy), (sx, sy) = split(64), split(32), split(32)
-    return SimpleNamespace(train_x=tx, train_y=ty, val_x=vx, val_y=vy, test_x=sx, test_y=sy, num_classes=3)
 
 
 def _recipe():
@@ -31,8 +16,8 @@ def _recipe():
                     "avit_kwargs": {"gate_center": 0.0}}})
 
 
-def test_token_bench_runs_every_method_and_reuses_its_checkpoints(monkeypatch, tmp_path):
-    monkeypatch.setattr(dynaneural.data, "load_dataset", _tiny_data)
+def test_token_bench_runs_every_method_and_reuses_its_checkpoints(tiny_mnist, tmp_path):
+    tiny_mnist(train=64, val=32, test=32)
     first = run_token_bench(_recipe(), out_dir=tmp_path, log=lambda s: None)
     assert [r.method for r in first["rows"]] == ["dynamicvit", "avit", "tome"]
     for r in first["rows"]:
