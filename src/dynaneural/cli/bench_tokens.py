@@ -55,12 +55,9 @@ def run_token_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
     bench = recipe.bench
     torch.manual_seed(int(recipe.train.get("seed", 0)))
     t0 = time.perf_counter()
-    def ckpt(tag: str, *parts: Any) -> Path | None:
-        return training_dir(out_dir, tag, *parts)
-
     backbone_key = run_digest(recipe.model, recipe.model_kwargs, recipe.data, recipe.train, recipe.dataset)
     base = create_model(recipe.model, **recipe.model_kwargs, threshold=0.0)  # pruning off: the static ViT
-    _train(base, recipe, data, epochs=int(recipe.train.get("epochs", 3)), checkpoint_dir=ckpt("backbone", backbone_key))
+    _train(base, recipe, data, epochs=int(recipe.train.get("epochs", 3)), checkpoint_dir=training_dir(out_dir, "backbone", backbone_key))
     static = base.vit.eval()
     static_acc = evaluate(static, data.test_x, data.test_y).accuracy
     static_flops = base.cost.static_total()
@@ -71,7 +68,7 @@ def run_token_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
         ref = create_model(recipe.model, **recipe.model_kwargs, threshold=0.0)
         ref.load_state_dict(base.state_dict())
         _train(ref, recipe, data, epochs=finetune, seed_offset=100,
-               checkpoint_dir=ckpt("static-finetuned", backbone_key, finetune))
+               checkpoint_dir=training_dir(out_dir, "static-finetuned", backbone_key, finetune))
         static_ft_acc = evaluate(ref.vit, data.test_x, data.test_y).accuracy
         log(f"static ViT fine-tuned {finetune} more epoch(s): test accuracy {static_ft_acc:.4f}")
     meta: dict[str, Any] = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0]),
@@ -89,7 +86,8 @@ def run_token_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
         ref_acc = static_acc
         if method in ("dynamicvit", "avit") and finetune > 0:
             _train(model, recipe, data, epochs=finetune, seed_offset=i + 1,
-                   checkpoint_dir=ckpt(method, backbone_key, finetune, i, opts.get(f"{method}_kwargs", {})))
+                   checkpoint_dir=training_dir(out_dir, method, backbone_key, finetune, i,
+                                                 opts.get(f"{method}_kwargs", {})))
             ref_acc = static_ft_acc
         cal = model.calibrate(data.val_x[: int(opts.get("calibration_samples", 2000))], budget=keep, unit="tokens")
         res = evaluate(model, data.test_x, data.test_y, mode="execute")

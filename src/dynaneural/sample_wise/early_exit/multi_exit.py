@@ -275,7 +275,7 @@ class MultiExitNetwork(DynamicModel):
             return self._execute(x, rule_obj, plan, profile, max_seconds, track_parts)
         if max_seconds is not None:
             raise ValueError("max_seconds (a wall-clock deadline) only applies in execute mode")
-        return self._full(x, mode, rule_obj, plan.thr.to(x.device), plan.enabled, profile, track_parts)
+        return self._full(x, mode, rule_obj, plan, profile, track_parts)
 
     def _default_plan(self) -> _ExitPlan:
         """The configured thresholds as a plan, cached until the buffer changes (its version counter moves on
@@ -308,9 +308,10 @@ class MultiExitNetwork(DynamicModel):
         # Detached: the policy learns to read the exit, it must not bend the classifier toward being readable.
         return self.policy_heads[k](logits.detach())
 
-    def _full(self, x: torch.Tensor, mode: Mode, rule: ExitRule, thr: torch.Tensor, enabled: torch.Tensor,
-              profile: ExitCostProfile, track_parts: bool) -> EarlyExitOutput:
+    def _full(self, x: torch.Tensor, mode: Mode, rule: ExitRule, plan: _ExitPlan, profile: ExitCostProfile,
+              track_parts: bool) -> EarlyExitOutput:
         """Train / simulate: every stage and exit for every sample."""
+        thr, enabled = plan.thr.to(x.device), plan.enabled
         b = x.shape[0]
         h: Any = x
         exit_logits: list[torch.Tensor] = []
@@ -352,9 +353,9 @@ class MultiExitNetwork(DynamicModel):
         path = profile.path_costs(enabled.cpu(), with_policy=with_policy).to(x.device)
         ledger = CostLedger.zeros(b, device=x.device)
         ledger.charge(path[exit_index])
-        last = max(i for i, e in enumerate(enabled.tolist()) if e)
         reached: list[torch.Tensor | None] = [  # what execute mode scores: enabled exits before the last one
-            scores[exit_index >= k, k] if bool(enabled[k]) and k < last else None for k in range(self.num_exits)]
+            scores[exit_index >= k, k] if plan.enabled_list[k] and k < plan.last else None
+            for k in range(self.num_exits)]
         return EarlyExitOutput(logits=logits, cost=ledger.flops, decisions={"exit": exit_index}, mode=mode,
                                exit_logits=exit_logits, exit_scores=scores, policy_logits=policy_logits,
                                reached_scores=reached)
