@@ -18,13 +18,15 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["METHODS", "register", "train_text_model", "evaluate_text_model"]
+__all__ = ["METHODS", "TASKS", "evaluate_feature_model", "evaluate_text_model", "register", "task_rows",
+           "train_feature_model", "train_text_model"]
 
 #: method -> (feature-input registry model for timing, SST-2 registry model, knob range (lo, hi))
 METHODS: dict[str, dict[str, Any]] = {
@@ -286,6 +288,184 @@ def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: in
     return rows
 
 
+# ------------------------------------------------------------------------------- adding task, FSDD (Skip RNN)
+#: feature-sequence tasks on which the Skip RNN is trained next to a full-updating LSTM of the same size
+TASKS = ("adding", "fsdd")
+
+
+@dataclass(frozen=True, eq=False)
+class _TaskData:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    regression: bool
+
+
+def _task_data(task: str, *, data_dir: str | None, seed: int, opts: dict[str, Any]) -> _TaskData:
+    if task == "adding":
+        from dynaneural.temporal_wise.sequence.tasks import make_adding_task
+
+        steps = int(opts.get("steps", 50))
+        tr, va, te = (make_adding_task(int(opts.get(k, d)), steps=steps, seed=seed + i) for i, (k, d) in
+                      enumerate((("n_train", 100_000), ("n_val", 2000), ("n_test", 5000))))
+        return _TaskData(tr.x, tr.y, va.x, va.y, te.x, te.y, regression=True)
+    if task == "fsdd":
+        from dynaneural.temporal_wise.audio.fsdd_features import load_fsdd_logmel
+
+        d = load_fsdd_logmel(data_dir=data_dir, seed=seed, val_size=int(opts.get("n_val", 300)),
+                             frames=int(opts.get("frames", 100)))
+        return _TaskData(d.train_x, d.train_y, d.val_x, d.val_y, d.test_x, d.test_y, regression=False)
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def _task_loss(out: Any, y: torch.Tensor, *, regression: bool) -> torch.Tensor:
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    loss = F.mse_loss(logits.squeeze(-1), y) if regression else F.cross_entropy(logits, y)
+    for v in getattr(out, "aux_losses", {}).values():
+        loss = loss + v
+    return loss
+
+
+def train_feature_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int,
+                        lr: float, regression: bool, seed: int = 0, log: Callable[[str], None] = print,
+                        log_every: int = 500) -> list[dict]:
+    """Adam + cosine over ``steps`` random mini-batches of fixed-length feature sequences (MSE or CE + aux)."""
+    from dynaneural.contract import set_train_progress
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    model.train()
+    history, t0, run = [], time.perf_counter(), 0.0
+    for step in range(steps):
+        idx = torch.randint(0, len(y), (batch_size,), generator=gen)
+        set_train_progress(model, step / steps)
+        loss = _task_loss(model(x[idx]), y[idx], regression=regression)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        run += float(loss.detach())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            n = (step % log_every) + 1
+            history.append({"step": step + 1, "loss": run / n, "seconds": time.perf_counter() - t0})
+            log(f"  step {step + 1}/{steps}: loss {run / n:.5f} ({history[-1]['seconds']:.0f} s)")
+            run = 0.0
+    model.eval()
+    return history
+
+
+@torch.inference_mode()
+def evaluate_feature_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, regression: bool,
+                           batch_size: int = 256, mode: str = "execute", tolerance: float = 0.05) -> dict[str, Any]:
+    """Accuracy (classification; adding task: within ``tolerance``), MSE (adding), mean FLOPs and work fraction."""
+    from dynaneural.temporal_wise.sequence.tasks import adding_accuracy
+
+    was = model.training
+    model.eval()
+    preds, cost, work, batches = [], 0.0, 0.0, []
+    for i in range(0, len(y), batch_size):
+        xb = x[i:i + batch_size]
+        batches.append(xb)
+        out = model(xb, mode=mode) if hasattr(model, "all_on") else model(xb)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        preds.append(logits.squeeze(-1) if regression else logits.argmax(-1))
+        if not isinstance(out, torch.Tensor):
+            cost += float(out.cost.sum())
+            work += float(_work_fraction(out).sum())
+    model.train(was)
+    pred, n = torch.cat(preds), len(y)
+    res: dict[str, Any] = ({**adding_accuracy(pred, y, tolerance=tolerance)} if regression
+                           else {"accuracy": float((pred == y).double().mean())})
+    return {**res, "mean_flops": cost / n, "work_fraction": work / n, "batches": batches}
+
+
+def task_rows(method: str, task: str, *, data_dir: str | None, opts: dict[str, Any], budgets: list[float],
+              repeats: int, seed: int = 0, out_dir: Path | None = None, log: Callable[[str], None] = print
+              ) -> list[Any]:
+    """Skip RNN and a full-updating RNN of the same size, trained alike on ``task``; the Skip RNN's θ calibrated
+    to each budget (fraction of steps updating) on the validation split; test accuracy, FLOPs, wall-clock."""
+    import dynaneural as dn
+    from dynaneural.bench.rows import SpeedupRow
+    from dynaneural.calibration import calibrate_knob
+    from dynaneural.temporal_wise.sequence.common import RecurrentBackbone, StaticRecurrentClassifier
+
+    if method not in ("skip-lstm", "skip-gru"):
+        raise ValueError(f"--task runs the Skip RNN methods (skip-lstm, skip-gru), not {method!r}")
+    data = _task_data(task, data_dir=data_dir, seed=seed, opts=opts)
+    reg = data.regression
+    n_out = 1 if reg else int(data.train_y.max()) + 1
+    steps, feat = data.train_x.shape[1], data.train_x.shape[2]
+    cell = "gru" if method == "skip-gru" else "lstm"
+    hidden = int(opts.get("hidden_size", 128))
+    fit = dict(steps=int(opts.get("train_steps", 2000)), batch_size=int(opts.get("batch_size", 256)),
+               lr=float(opts.get("lr", 0.01)), regression=reg, seed=seed, log=log)
+    log(f"{task}: train {tuple(data.train_x.shape)}, val {len(data.val_y)}, test {len(data.test_y)}; "
+        f"{cell.upper()} {hidden}")
+    torch.manual_seed(seed)
+    base = StaticRecurrentClassifier(RecurrentBackbone(cell=cell, hidden_size=hidden, num_classes=n_out,
+                                                       input_size=feat))
+    log(f"training the full-updating {cell.upper()} ({fit['steps']} steps)")
+    base_hist = train_feature_model(base, data.train_x, data.train_y, **fit)
+    torch.manual_seed(seed)
+    model = dn.create_model("skip_lstm", cell=cell, input_size=feat, hidden_size=hidden, num_classes=n_out,
+                            max_len=steps, budget=float(opts.get("budget", 0.5)),
+                            budget_weight=float(opts.get("budget_weight", 1.0)),
+                            gate_bias=float(opts.get("gate_bias", 1.0)))
+    log(f"training the Skip {cell.upper()} (budget loss to {opts.get('budget', 0.5)} updates)")
+    hist = train_feature_model(model, data.train_x, data.train_y, **fit)
+    if out_dir is not None:
+        from dynaneural.engine import save_model
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_model(model, out_dir / f"{method}_{task}.safetensors", extras={"history": hist})
+    base_eval = evaluate_feature_model(base, data.test_x, data.test_y, regression=reg)
+    static_flops = float(steps * model.backbone.step_flops + model.backbone.head_flops)
+    rows: list[Any] = []
+    trained = model.threshold
+    for budget in [None, *budgets]:
+        knob = trained
+        if budget is not None:
+            def frac(k: float) -> float:
+                model.set_threshold(k)
+                return evaluate_feature_model(model, data.val_x, data.val_y, regression=reg)["work_fraction"]
+
+            try:
+                knob = calibrate_knob(mean_cost=frac, set_knob=model.set_threshold, budget=budget, lo=0.05, hi=1.0,
+                                      tol=0.02, iters=20, current=trained).knob
+            except ValueError as e:
+                log(f"  budget {budget}: {e}")
+                continue
+        else:
+            model.set_threshold(trained)
+        ev = evaluate_feature_model(model, data.test_x, data.test_y, regression=reg)
+        sim = evaluate_feature_model(model, data.test_x, data.test_y, regression=reg, mode="simulate")
+        t = _time_batches(base, lambda b: model(b, mode="execute"), ev["batches"], repeats=repeats)
+        theo = static_flops / ev["mean_flops"]
+        extra = {"kind": task, "knob": knob, "updated_fraction": ev["work_fraction"],
+                 "skipped_fraction": 1 - ev["work_fraction"], "simulate_accuracy": sim["accuracy"],
+                 "hidden_size": hidden, "steps": steps, "train_steps": fit["steps"],
+                 "final_loss": hist[-1]["loss"], "static_final_loss": base_hist[-1]["loss"]}
+        if reg:
+            extra.update(mse=ev["mse"], static_mse=base_eval["mse"], solved=ev["solved"],
+                         static_solved=base_eval["solved"], tolerance=ev["tolerance"])
+        rows.append(SpeedupRow(
+            method=method, batch_size=256, accuracy=ev["accuracy"], static_accuracy=base_eval["accuracy"],
+            mean_flops=ev["mean_flops"], static_flops=static_flops, theoretical_speedup=theo,
+            realized_over_theoretical=t["realized_speedup"] / theo, budget=budget if budget is not None else math.nan,
+            unit="work_fraction", achieved_budget=ev["work_fraction"], **t, extra=extra))
+        log(f"  {task} budget {budget}: acc {ev['accuracy']:.4f} (full updating {base_eval['accuracy']:.4f})"
+            + (f" mse {ev['mse']:.2e} (full {base_eval['mse']:.2e})" if reg else "")
+            + f" updates {ev['work_fraction']:.3f} theoretical {theo:.2f}x realized {t['realized_speedup']:.2f}x")
+    model.set_threshold(trained)
+    return rows
+
+
 def _timeline_png(model: Any, data: Any, path: Path, *, title: str, n: int = 12) -> Path:
     """What the trained model read on the first ``n`` dev sentences (trimmed to the longest)."""
     from dynaneural.temporal_wise.sequence.visualize import plot_timelines, timeline_codes
@@ -328,6 +508,15 @@ def cmd_bench_temporal(args: argparse.Namespace) -> int:
         sizes = args.sizes or [tuple(int(v) for v in sz) for sz in opts.get("timing_sizes", [])]
         print(f"timing {args.method} at {target:.0%} work against the fused static net", flush=True)
         rows += timing_rows(args.method, sizes=sizes, target=target, repeats=recipe.bench.repeats)
+    for task in args.task or []:
+        task_opts = dict((opts.get("tasks") or {}).get(task, {}))
+        if args.quick:
+            task_opts.update(train_steps=min(int(task_opts.get("train_steps", 2000)), 30), n_train=512, n_val=256,
+                             n_test=256)
+        rows += task_rows(args.method, task, data_dir=args.data_dir, opts=task_opts,
+                          budgets=list(task_opts.get("budgets", [])), repeats=recipe.bench.repeats,
+                          seed=int(recipe.train.get("seed", 0)),
+                          out_dir=Path(args.out) if args.out else None)
     if args.sst2:
         train = recipe.train
         rows += sst2_rows(args.method, data_dir=args.data_dir, epochs=args.epochs or int(train.get("epochs", 3)),
@@ -355,6 +544,8 @@ def register(bsub: Any, *, common: Callable[[argparse.ArgumentParser], None],
     p.add_argument("--target", type=float, default=None, help="fraction of steps doing full work (timing rows)")
     p.add_argument("--no-timing", action="store_true", help="skip the synthetic timing rows")
     p.add_argument("--sst2", action="store_true", help="train on SST-2 and add accuracy rows")
+    p.add_argument("--task", choices=TASKS, nargs="+", default=None,
+                   help="Skip RNN only: train on the adding task / FSDD log-mel next to a full-updating RNN")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")

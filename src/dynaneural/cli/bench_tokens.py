@@ -83,12 +83,16 @@ def run_token_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
         t1 = time.perf_counter()
         model = create_model(f"{method}_{family}", **kw, **opts.get(f"{method}_kwargs", {}))
         model.vit.load_state_dict(base.vit.state_dict())
+        if hasattr(model, "set_teacher") and opts.get("distill", True):
+            model.set_teacher(static)  # the paper's teacher: the backbone before fine-tuning (frozen)
         ref_acc = static_acc
         if method in ("dynamicvit", "avit") and finetune > 0:
             _train(model, recipe, data, epochs=finetune, seed_offset=i + 1,
                    checkpoint_dir=training_dir(out_dir, method, backbone_key, finetune, i,
-                                                 opts.get(f"{method}_kwargs", {})))
+                                                 opts.get(f"{method}_kwargs", {}), bool(opts.get("distill", True))))
             ref_acc = static_ft_acc
+        if hasattr(model, "set_teacher"):
+            model.set_teacher(None)
         cal = model.calibrate(data.val_x[: int(opts.get("calibration_samples", 2000))], budget=keep, unit="tokens")
         res = evaluate(model, data.test_x, data.test_y, mode="execute")
         with torch.inference_mode():

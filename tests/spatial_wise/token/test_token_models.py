@@ -67,6 +67,27 @@ def test_dynamicvit_gradients_reach_predictors():
         assert g is not None and g.abs().sum() > 0
 
 
+def test_dynamicvit_teacher_distillation_terms():
+    model = dn.create_model("test_dynamicvit").train()
+    teacher = VisionTransformer(model.cfg.vit)
+    teacher.load_state_dict(model.vit.state_dict())
+    model.set_teacher(teacher)
+    assert not any(k.startswith("_teacher") for k in model.state_dict())
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for n, p in dn.create_model("test_dynamicvit").named_parameters())
+    x = model.example_input(8)
+    out = model(x, mode="train")
+    assert {"distill_kl", "distill_tokens"} <= set(out.aux_losses)
+    sum(out.aux_losses.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters()), "the teacher is frozen"
+    assert model.vit.blocks[-1].mlp[0].weight.grad is not None
+    model.set_teacher(None)
+    assert "distill_kl" not in model(x, mode="train").aux_losses
+    with pytest.raises(ValueError, match="teacher"):
+        model.set_teacher(VisionTransformer(ViTConfig(in_chans=1, img_size=12, patch_size=4, dim=8, depth=1,
+                                                      heads=2, mlp_ratio=2.0, num_classes=5)))
+
+
 def test_dynamicvit_calibration_meets_budget():
     model = dn.create_model("test_dynamicvit").eval()
     x = model.example_input(64, generator=torch.Generator().manual_seed(9))

@@ -45,3 +45,38 @@ def test_train_and_evaluate_helpers_run_every_model_kind():
         assert len(hist) == 1 and math.isfinite(hist[0]["loss"])
         ev = evaluate_text_model(model, data.val_x, data.val_y, data.val_len, padding="left")
         assert 0 <= ev["accuracy"] <= 1 and 0 < ev["work_fraction"] <= 1 and ev["mean_flops"] > 0
+
+
+def test_task_rows_adding_trains_both_models_and_calibrates(monkeypatch):
+    from dynaneural.cli.bench_temporal import task_rows
+
+    opts = {"hidden_size": 8, "steps": 12, "n_train": 256, "n_val": 64, "n_test": 64, "train_steps": 3,
+            "batch_size": 32, "lr": 0.01, "budget": 0.6}
+    rows = task_rows("skip-lstm", "adding", data_dir=None, opts=opts, budgets=[0.6], repeats=1, log=lambda s: None)
+    assert len(rows) >= 1  # the trained θ; 0.6 is added when the untrained gate can reach it
+    for r in rows:
+        d = r.to_dict()
+        assert d["kind"] == "adding" and d["steps"] == 12 and d["hidden_size"] == 8
+        assert 0 <= d["accuracy"] <= 1 and 0 <= d["static_accuracy"] <= 1 and d["mse"] >= 0
+        # simulate and execute give the same predictions, so the same within-tolerance accuracy
+        assert d["simulate_accuracy"] == d["accuracy"]
+        assert d["static_flops"] == 12 * 4 * 8 * (2 + 8) + 8
+        assert math.isclose(d["theoretical_speedup"], d["static_flops"] / d["mean_flops"])
+    calibrated = [r for r in rows if not math.isnan(r.budget)]
+    for r in calibrated:
+        assert abs(r.achieved_budget - r.budget) < 0.1
+
+
+def test_task_rows_reject_methods_without_a_feature_model():
+    import pytest
+
+    from dynaneural.cli.bench_temporal import task_rows
+
+    with pytest.raises(ValueError, match="Skip RNN"):
+        task_rows("jump", "adding", data_dir=None, opts={}, budgets=[], repeats=1, log=lambda s: None)
+
+
+def test_cli_parses_tasks():
+    args = build_parser().parse_args(["bench", "temporal", "--method", "skip-lstm", "--no-timing",
+                                      "--task", "adding", "fsdd"])
+    assert args.task == ["adding", "fsdd"]

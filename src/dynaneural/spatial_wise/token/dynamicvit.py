@@ -13,7 +13,10 @@ Modes:
   Gumbel-softmax), and dropped tokens are removed from attention with the paper's differentiable *attention
   masking* (Eq. 9: the attention weights are multiplied by the keep policy and renormalised). The ratio loss
   pulls the kept fraction after stage ``s`` toward ``keep_ratio^(s+1)`` (:class:`~dynaneural.policies.BudgetLoss`,
-  squared, batch mean); the paper's teacher distillation terms are not used.
+  squared, batch mean). With a teacher (:meth:`DynamicViT.set_teacher`, the paper's setting: the backbone before
+  fine-tuning, frozen) two more terms (Sec. 3.4): KL divergence of the predictions to the teacher's
+  (``kl_weight``) and the distance of every kept token's final feature to the teacher's token
+  (``token_distill_weight``, the mean squared error over the tokens the policy keeps).
 * simulate — the reference: every token of every sample is computed; a token is kept while its keep
   probability is at least ``threshold`` (one threshold, the knob calibration moves); pruned tokens are masked
   out of attention as keys with ``-inf``.
@@ -60,6 +63,8 @@ class DynamicViTConfig:
     keep_ratio: ρ, the training target of the kept fraction after stage s is ρ^(s+1) (the paper's schedule).
     threshold: keep a token while its keep probability is >= threshold (inference; calibrated to a budget).
     ratio_weight: weight of the ratio loss. tau: Gumbel temperature over training.
+    kl_weight, token_distill_weight: weights of the two teacher terms (used only once a teacher is set; the
+    paper's λ_KL = λ_distill = 0.5).
     """
 
     vit: ViTConfig = field(default_factory=ViTConfig)
@@ -68,6 +73,8 @@ class DynamicViTConfig:
     threshold: float = 0.5
     ratio_weight: float = 2.0
     tau: TemperatureSchedule = field(default_factory=TemperatureSchedule)
+    kl_weight: float = 0.5
+    token_distill_weight: float = 0.5
 
     def __post_init__(self) -> None:
         pb = tuple(int(b) for b in self.prune_before)
@@ -78,6 +85,8 @@ class DynamicViTConfig:
             raise ValueError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
+        if self.kl_weight < 0 or self.token_distill_weight < 0:
+            raise ValueError(f"distillation weights must be >= 0, got {self.kl_weight}, {self.token_distill_weight}")
 
 
 @dataclass
@@ -138,6 +147,38 @@ class DynamicViT(AllOnFlag, DynamicModel):
                                           for s in range(len(cfg.prune_before)))
         self._tau = cfg.tau(0.0)
         self._all_on = False
+        self._teacher: tuple[VisionTransformer, ...] = ()  # a tuple: not a submodule, not in the state dict
+
+    def set_teacher(self, teacher: VisionTransformer | None) -> None:
+        """Distil from ``teacher`` in training (the paper: the backbone before fine-tuning). It is frozen, kept
+        out of this model's parameters and checkpoints; ``None`` removes it."""
+        if teacher is None:
+            self._teacher = ()
+            return
+        if not isinstance(teacher, VisionTransformer) or teacher.cfg != self.cfg.vit:
+            raise ValueError("the teacher must be a VisionTransformer with this model's ViTConfig")
+        teacher.eval().requires_grad_(False)
+        self._teacher = (teacher,)
+
+    def _distill(self, x: torch.Tensor, t: torch.Tensor, logits: torch.Tensor, policy: torch.Tensor
+                 ) -> dict[str, torch.Tensor]:
+        """The paper's teacher terms: KL(teacher ‖ student) on the predictions, MSE of the kept tokens."""
+        teacher = self._teacher[0]
+        with torch.no_grad():
+            tt = teacher.embed(x)
+            for blk in teacher.blocks:
+                tt = blk(tt)
+            t_logits = teacher.classify(tt[:, 0])
+        out: dict[str, torch.Tensor] = {}
+        if self.cfg.kl_weight > 0:
+            kl = torch.nn.functional.kl_div(logits.log_softmax(-1), t_logits.log_softmax(-1), log_target=True,
+                                            reduction="batchmean")
+            out["distill_kl"] = self.cfg.kl_weight * kl
+        if self.cfg.token_distill_weight > 0:
+            w = policy.unsqueeze(-1)  # (B, N-1, 1): the kept patch tokens (straight-through values)
+            se = ((t[:, 1:] - tt[:, 1:]) ** 2 * w).sum() / (w.sum() * t.shape[-1]).clamp_min(1.0)
+            out["distill_tokens"] = self.cfg.token_distill_weight * se
+        return out
 
     # ------------------------------------------------------------------------------------------- contract
     def set_train_progress(self, progress: float) -> None:
@@ -205,6 +246,8 @@ class DynamicViT(AllOnFlag, DynamicModel):
                 bias = torch.zeros((), device=x.device).where(full > 0.5, float("-inf"))
                 t = blk(t, bias.view(b, 1, 1, n))
         logits = self.vit.classify(t[:, 0])
+        if train and self._teacher and pruned:
+            aux.update(self._distill(x, t, logits, policy))
         return DynamicViTOutput(logits=logits, cost=ledger.flops, decisions=self._decisions(keeps, tokens, b),
                                 mode=mode, aux_losses=aux, keep_prob=probs)
 
@@ -267,21 +310,25 @@ def _build(vit: dict[str, Any], **kw: Any) -> DynamicViT:
 @register_model
 def dynamicvit_mnist(*, dim: int = 64, depth: int = 6, heads: int = 4, mlp_ratio: float = 2.0,
                      prune_before: tuple[int, ...] = (2, 4), keep_ratio: float = 0.7, threshold: float = 0.5,
-                     ratio_weight: float = 2.0, num_classes: int = 10) -> DynamicViT:
+                     ratio_weight: float = 2.0, kl_weight: float = 0.5, token_distill_weight: float = 0.5,
+                     num_classes: int = 10) -> DynamicViT:
     """MNIST / Fashion-MNIST: 7×7 patches of 4×4, D=64, 6 blocks (~17 MFLOPs static), pruning before blocks 2, 4."""
     return _build(dict(in_chans=1, img_size=28, patch_size=4, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
                        num_classes=num_classes), prune_before=tuple(prune_before), keep_ratio=keep_ratio,
-                  threshold=threshold, ratio_weight=ratio_weight)
+                  threshold=threshold, ratio_weight=ratio_weight, kl_weight=kl_weight,
+                  token_distill_weight=token_distill_weight)
 
 
 @register_model
 def dynamicvit_cifar10(*, dim: int = 128, depth: int = 6, heads: int = 4, mlp_ratio: float = 2.0,
                        prune_before: tuple[int, ...] = (2, 4), keep_ratio: float = 0.7, threshold: float = 0.5,
-                       ratio_weight: float = 2.0, num_classes: int = 10) -> DynamicViT:
+                       ratio_weight: float = 2.0, kl_weight: float = 0.5, token_distill_weight: float = 0.5,
+                     num_classes: int = 10) -> DynamicViT:
     """CIFAR-10: 8×8 patches of 4×4, D=128, 6 blocks, pruning before blocks 2 and 4."""
     return _build(dict(in_chans=3, img_size=32, patch_size=4, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
                        num_classes=num_classes), prune_before=tuple(prune_before), keep_ratio=keep_ratio,
-                  threshold=threshold, ratio_weight=ratio_weight)
+                  threshold=threshold, ratio_weight=ratio_weight, kl_weight=kl_weight,
+                  token_distill_weight=token_distill_weight)
 
 
 @register_model

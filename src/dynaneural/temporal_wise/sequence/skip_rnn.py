@@ -317,11 +317,12 @@ def skip_gru_sst2(*, vocab_size: int = 16384, hidden_size: int = 128, embed_dim:
 
 @register_model
 def skip_lstm(*, input_size: int = 128, hidden_size: int = 512, num_classes: int = 10, max_len: int = 100,
-              threshold: float = 0.5, budget: float | None = 0.5, gate_bias: float = 0.0,
+              threshold: float = 0.5, budget: float | None = 0.5, budget_weight: float = 1.0, gate_bias: float = 0.0,
               cell: Literal["lstm", "gru"] = "lstm") -> SkipRNN:
     """Skip LSTM (or GRU with ``cell="gru"``) over float feature sequences (B, T, input_size)."""
     return _build({}, dict(cell=cell, input_size=input_size, hidden_size=hidden_size, num_classes=num_classes,
-                           max_len=max_len, threshold=threshold, budget=budget, gate_bias=gate_bias))
+                           max_len=max_len, threshold=threshold, budget=budget, budget_weight=budget_weight,
+                           gate_bias=gate_bias))
 
 
 @register_model
