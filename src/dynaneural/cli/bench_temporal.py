@@ -317,7 +317,15 @@ def _task_data(task: str, *, data_dir: str | None, seed: int, opts: dict[str, An
 
         d = load_fsdd_logmel(data_dir=data_dir, seed=seed, val_size=int(opts.get("n_val", 300)),
                              frames=int(opts.get("frames", 100)))
-        return _TaskData(d.train_x, d.train_y, d.val_x, d.val_y, d.test_x, d.test_y, regression=False)
+        k = int(opts.get("stack", 1))  # k consecutive 10 ms frames make one step (k·n_mels features)
+        if k < 1 or d.frames % k:
+            raise ValueError(f"stack must be a positive divisor of the {d.frames} frames, got {k}")
+
+        def steps(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(x.shape[0], x.shape[1] // k, k * x.shape[2])
+
+        return _TaskData(steps(d.train_x), d.train_y, steps(d.val_x), d.val_y, steps(d.test_x), d.test_y,
+                         regression=False)
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
