@@ -96,15 +96,21 @@ def _row(method: str, model: Any, static: Any, x: Any, y: Any, *, static_acc: fl
 
     from dynaneural.bench.rows import SpeedupRow, time_against_static
 
+    from dynaneural.layers import fold_batch_norms
+
     acc, res = _accuracy(lambda xb: model(xb, mode="execute"), x, y)
     mean_flops = float(res["cost"].mean())
     static_flops = float(model.static_cost)
     extra = extra_fn(res)
+    # Timing: batch norms folded into the convolutions on both sides (the static twin of the folded model
+    # shares its folded modules), as in every other bench.
+    timed = fold_batch_norms(model)
+    timed_static = timed.to_static().eval() if hasattr(timed, "to_static") else static
     rows = []
     for bs in batch_sizes:
         n = min(x.shape[0], bench.timed_samples if bs > 1 else bench.timed_samples_batch1)
         with torch.inference_mode():
-            t = time_against_static(static, lambda xb: model(xb, mode="execute"), x[:n], batch_size=bs,
+            t = time_against_static(timed_static, lambda xb: timed(xb, mode="execute"), x[:n], batch_size=bs,
                                     repeats=bench.repeats)
         theo = static_flops / mean_flops
         rows.append(SpeedupRow(method=method, batch_size=bs, accuracy=acc, mean_flops=mean_flops,
@@ -139,9 +145,11 @@ def _run_video(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tupl
     data = load_moving_digits(data_dir=data_dir, seed=int(recipe.data.get("seed", 0)), n_train=int(opt["n_train"]),
                               n_val=int(opt["n_val"]), n_test=int(opt["n_test"]), config=cfg)
     tr, va, te = data.train, data.val, data.test
-    kw = {"frames": cfg.frames, "size": cfg.size}
+    kw: dict[str, Any] = {"frames": cfg.frames, "size": cfg.size}
+    if opt.get("encoder_widths"):  # channels of the per-frame CNN (shared by both models and the static twin)
+        kw["widths"] = tuple(int(w) for w in opt["encoder_widths"])
     rows: list[Any] = []
-    meta: dict[str, Any] = {"clips": data.as_dict()}
+    meta: dict[str, Any] = {"clips": data.as_dict(), "encoder_widths": list(kw.get("widths", (16, 32, 64)))}
 
     # 1. Early exit over frames (also the warm start of AdaFrame).
     fe = dn.create_model(opt.get("frame_exit_model", "frame_exit_moving_digits"), **kw)
