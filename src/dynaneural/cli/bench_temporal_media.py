@@ -95,7 +95,6 @@ def _row(method: str, model: Any, static: Any, x: Any, y: Any, *, static_acc: fl
     import torch
 
     from dynaneural.bench.rows import SpeedupRow, time_against_static
-
     from dynaneural.layers import fold_batch_norms
 
     acc, res = _accuracy(lambda xb: model(xb, mode="execute"), x, y)
