@@ -388,7 +388,7 @@ def evaluate_feature_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
             work += float(_work_fraction(out).sum())
     model.train(was)
     pred, n = torch.cat(preds), len(y)
-    res: dict[str, Any] = ({**adding_accuracy(pred, y, tolerance=tolerance)} if regression
+    res: dict[str, Any] = (adding_accuracy(pred, y, tolerance=tolerance) if regression
                            else {"accuracy": float((pred == y).double().mean())})
     return {**res, "mean_flops": cost / n, "work_fraction": work / n, "batches": batches}
 
