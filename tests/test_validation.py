@@ -73,16 +73,22 @@ def test_deadline_below_cheapest_exit(model):
         model(torch.randn(2, 1, 8, 8), max_flops=1.0)
 
 
-def test_finite_check_is_exact_when_the_fast_sum_overflows():
+def test_finite_check_is_exact_for_every_position_dtype_and_extreme():
     from dynaneural.validation import all_finite, check_batch
 
     big = torch.full((4, 3), 3e38)  # every value finite, their sum is not
     assert all_finite(big) and check_batch(big, input_shape=(3,)) is big
-    for bad in (float("nan"), float("inf"), float("-inf")):
-        x = big.clone()
-        x[2, 1] = bad
-        assert not all_finite(x)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        x = torch.randn(5, 7, dtype=dtype)
+        assert all_finite(x)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for pos in ((0, 0), (2, 3), (4, 6)):
+                y = x.clone()
+                y[pos] = bad
+                assert not all_finite(y), (dtype, bad, pos)
     mixed = torch.tensor([[float("inf"), float("-inf")]])  # the sum is NaN, the values are not
     assert not all_finite(mixed)
+    assert all_finite(torch.empty(0, 3)) and all_finite(torch.arange(6))
+    assert not all_finite(torch.tensor([1 + 1j, complex(float("nan"), 0)]))
     with pytest.raises(ValueError, match="1 of 1 samples"):
         check_batch(mixed, input_shape=(2,))

@@ -38,13 +38,18 @@ def check_batch(x: object, *, input_shape: Sequence[int] | None, check_finite: b
 def all_finite(x: torch.Tensor) -> bool:
     """Whether every value of a floating-point tensor is finite.
 
-    The sum of a tensor is finite when all its values are (one read, no temporary); only when it is not — a NaN, an
-    infinity, or finite values whose sum overflows — is the element-wise test run. On a (64, 10, 1, 32, 32) video
-    batch that is 40 µs instead of 2 ms for ``torch.isfinite(x).all()``, which builds four temporaries.
+    The minimum and maximum are finite exactly when every value is (a NaN propagates into both, an infinity is
+    the extreme it is): one vectorised read, no temporary the size of ``x``. On a (64, 1, 28, 28) batch that is
+    ~5 µs against ~30 µs for ``x.sum()`` and far more for ``torch.isfinite(x).all()``, which builds temporaries.
     """
-    if bool(torch.isfinite(x.sum())):
+    if x.numel() == 0:
         return True
-    return bool(torch.isfinite(x).all())
+    if x.is_complex():
+        return bool(torch.isfinite(x).all())
+    if not x.is_floating_point():
+        return True  # integers and booleans have no NaN or infinity
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def check_budget(value: float, *, low: float, high: float, unit: str) -> float:

@@ -31,3 +31,12 @@ def test_pooled_head_fast_path_equals_adaptive_pooling():
     torch.testing.assert_close(head(x), ref, rtol=1e-5, atol=1e-6)
     x7 = torch.randn(3, 8, 7, 7)  # non-divisible: falls back to the adaptive kernel
     torch.testing.assert_close(head(x7), head.fc(torch.nn.functional.adaptive_avg_pool2d(x7, 2).flatten(1)))
+
+
+@pytest.mark.parametrize("shape,out", [((3, 5, 14, 14), 2), ((3, 5, 7, 7), 2), ((2, 4, 8, 6), (4, 3)),
+                                       ((2, 4, 7, 7), 1), ((1, 3, 9, 9), 3), ((2, 3, 7, 7), (1, 7))])
+def test_fast_adaptive_pool_matches_the_generic_kernel(shape, out):
+    from dynaneural.layers.blocks import FastAdaptiveAvgPool2d
+
+    x = torch.randn(*shape, dtype=torch.float64)
+    torch.testing.assert_close(FastAdaptiveAvgPool2d(out)(x), torch.nn.functional.adaptive_avg_pool2d(x, out))

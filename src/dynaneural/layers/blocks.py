@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ConvBNAct", "FastAdaptiveAvgPool2d", "PooledLinearHead"]
@@ -25,16 +26,19 @@ class ConvBNAct(nn.Sequential):
 
 
 class FastAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
-    """Adaptive average pooling that takes a reshape-mean when the output tiles the map evenly: the same
-    windows, several times faster than the generic adaptive kernel on CPU (it showed up as 12 % of an
-    early-exit forward). A subclass, so the FLOPs counter's average-pool rule still counts it."""
+    """Adaptive average pooling through the fastest equivalent CPU kernel: a mean over the map for 1×1 output, a
+    fixed-window ``avg_pool2d`` when the output tiles the map evenly (the same windows; 2–4× faster than the
+    generic adaptive kernel or a reshape-mean on CPU, where exit heads showed up as 8–12 % of an early-exit
+    forward), else the generic kernel. A subclass, so the FLOPs counter's average-pool rule still counts it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         p = self.output_size
-        p = p if isinstance(p, int) else p[0]
-        if isinstance(p, int) and h % p == 0 and w % p == 0:
-            return x.reshape(b, c, p, h // p, p, w // p).mean((3, 5))
+        ph, pw = (p, p) if isinstance(p, int) else p
+        if ph == 1 and pw == 1:
+            return x.mean((-2, -1), keepdim=True)
+        if isinstance(ph, int) and isinstance(pw, int) and h % ph == 0 and w % pw == 0:
+            return F.avg_pool2d(x, (h // ph, w // pw))
         return super().forward(x)
 
 
