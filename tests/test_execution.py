@@ -31,6 +31,18 @@ def test_run_rows_edge_cases():
     assert out.sum() == 4 and out[1].sum() == 4
 
 
+def test_run_rows_inplace_writes_the_state_and_refuses_autograd_tensors():
+    x = torch.arange(5.0).unsqueeze(1)
+    out = run_rows(lambda t: t * 10, x, torch.tensor([2, 4]), inplace=True)
+    assert out is x and x.squeeze(1).tolist() == [0.0, 1.0, 20.0, 3.0, 40.0]
+    leaf = torch.ones(3, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="autograd"):
+        run_rows(lambda t: t + 1, leaf, torch.tensor([0]), inplace=True)
+    with torch.no_grad():
+        state = leaf.detach().clone()
+        assert run_rows(lambda t: t + 1, state, torch.tensor([0]), inplace=True) is state
+
+
 def test_rows_where_validates():
     with pytest.raises(ValueError):
         rows_where(torch.tensor([1, 0]))

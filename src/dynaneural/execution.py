@@ -64,12 +64,17 @@ def rows_where(active: torch.Tensor) -> torch.Tensor:
     return active.nonzero().squeeze(1)
 
 
-def run_rows(fn: Any, x: torch.Tensor, index: torch.Tensor, *, into: torch.Tensor | None = None) -> torch.Tensor:
+def run_rows(fn: Any, x: torch.Tensor, index: torch.Tensor, *, into: torch.Tensor | None = None,
+             inplace: bool = False) -> torch.Tensor:
     """Run ``fn`` on the rows ``index`` of ``x`` only, and scatter the results into ``into`` (default: a copy of x).
 
     This is the compaction step of execute mode: the rows not in ``index`` are never computed and keep their
     value in ``into`` (the identity, for a skipped residual block). ``fn`` must map (n, ...) to (n, ...) of the
     same trailing shape as ``into``. With every row selected it runs ``fn`` on ``x`` directly (no copy).
+
+    ``inplace=True`` writes the rows into ``into`` (or ``x``) itself instead of a copy: no pass over the rows that
+    did not run, which for a residual state at batch 64 is a copy as large as the block's input. Only for a state
+    the caller owns and autograd does not need (it is refused when ``base`` requires grad under grad mode).
     """
     n = index.numel()
     if n == x.shape[0] and into is None:
@@ -78,6 +83,10 @@ def run_rows(fn: Any, x: torch.Tensor, index: torch.Tensor, *, into: torch.Tenso
     if n == 0:
         return base
     y = fn(x.index_select(0, index))
+    if inplace:
+        if torch.is_grad_enabled() and base.requires_grad:
+            raise ValueError("run_rows(inplace=True) would overwrite a tensor autograd may need; use inplace=False")
+        return base.index_copy_(0, index, y.to(base.dtype))
     return base.index_copy(0, index, y.to(base.dtype))
 
 

@@ -57,6 +57,11 @@ def test_pipeline_writes_speedup_rows_and_plots(method, tmp_path, monkeypatch):
     assert any("loaded" in line for line in lines)
     path = write_bench_json(tmp_path / "rows.json", rows, method=method)
     assert json.loads(path.read_text())["rows"][0]["method"] == method
+    # the trained method is cached too: a re-run re-times without training and gets the same decisions
+    lines.clear()
+    again = bench.run_layer_skip_bench(recipe, method=method, out_dir=tmp_path / "out", log=lines.append)
+    assert any("loaded the trained model" in line for line in lines)
+    assert again["rows"][0].accuracy == rows[0].accuracy and again["rows"][0].mean_flops == rows[0].mean_flops
 
 
 def test_method_and_recipe_must_agree():

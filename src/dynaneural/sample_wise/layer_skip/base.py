@@ -228,7 +228,9 @@ class LayerSkipNetwork(DynamicModel):
             elif mode is Mode.SIMULATE:
                 h = torch.where(run.view(b, 1, 1, 1), block(h), h)
             else:
-                h = run_rows(block, h, rows_where(run))  # only the rows that run the block are computed
+                # Only the rows that run the block are computed, and written back into the state in place (the
+                # state is this forward's own tensor; with autograd recording it a copy is kept instead).
+                h = run_rows(block, h, rows_where(run), inplace=not (torch.is_grad_enabled() and h.requires_grad))
             k += 1
         # Each sample pays for the blocks it ran: (B, L) bool @ (L,) FLOPs, one charge for all blocks.
         ledger.charge(blocks_run.to(torch.float64) @ self._block_flops(costs, dev), part="blocks")

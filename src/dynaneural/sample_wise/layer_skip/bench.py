@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from dynaneural.bench.cache import training_dir
 from dynaneural.bench.rows import SpeedupRow, time_against_static
 from dynaneural.data import load_dataset
 from dynaneural.engine import TrainConfig, evaluate, train
@@ -159,8 +160,24 @@ def run_layer_skip_bench(recipe: Recipe, *, method: str, out_dir: str | Path, da
     model = create_model(recipe.model, **recipe.model_kwargs)
     assert isinstance(model, LayerSkipNetwork)
     model.backbone.load_state_dict(backbone.state_dict())
-    torch.manual_seed(int(recipe.train.get("seed", 0)))
-    seconds = _train_method(model, method, recipe, data, opts, log)
+    # The trained method is kept beside the results (keyed by everything that determines it), so re-timing after
+    # a change to an execute path costs no training; change a setting and the key changes.
+    cache = training_dir(out, f"method-{method}", recipe.model, recipe.model_kwargs, recipe.train, recipe.data,
+                         {k: v for k, v in opts.items() if k not in ("threads", "calibration_samples",
+                                                                     "calibration_iters", "calibration_tol")},
+                         bmeta.get("checkpoint"), int(data.train_x.shape[0]))
+    assert cache is not None
+    weights, info = cache / "model.safetensors", cache / "train.json"
+    if weights.is_file() and info.is_file():
+        model.load_state_dict(load_file(str(weights)))
+        seconds = json.loads(info.read_text())["seconds"]
+        log(f"{method}: loaded the trained model from {cache}")
+    else:
+        torch.manual_seed(int(recipe.train.get("seed", 0)))
+        seconds = _train_method(model, method, recipe, data, opts, log)
+        cache.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        info.write_text(json.dumps({"seconds": seconds, "recipe": recipe.name}, indent=2))
     model.eval()
     all_on_acc = _accuracy(model, data.test_x, data.test_y, all_on=True)
     log(f"{method}: trained ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}); "
