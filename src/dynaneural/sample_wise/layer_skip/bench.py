@@ -6,7 +6,8 @@ One run, from a recipe (``configs/layer_skip_<method>_<dataset>.yaml``):
    architecture and training settings), so SkipNet, ConvNet-AIG and BlockDrop all start from the same pretrained
    network — BlockDrop needs one anyway, and the gated methods are fine-tuned from it;
 2. the method is trained: SkipNet's supervised stage then its hybrid-RL stage, ConvNet-AIG with its target-rate
-   loss, BlockDrop's policy by REINFORCE on the frozen ResNet (plus optional joint fine-tuning);
+   loss, BlockDrop's policy by REINFORCE on the frozen ResNet (plus optional joint fine-tuning); the trained model
+   is kept under ``<out>/checkpoints/method-<method>-<digest>`` and reloaded by a re-run with the same settings;
 3. for every budget the gate threshold is calibrated on the validation split (``calibrate_knob``), the test split
    is evaluated in execute mode (accuracy, mean FLOPs from the cost ledger, blocks executed), and the network is
    timed against its static twin (the same ResNet run fully) at each batch size, interleaved in one run, batch
