@@ -223,3 +223,26 @@ def test_execute_mode_with_no_block_on_and_all_blocks_on():
         gated = list(model.gate_blocks)
         assert bool(exe.blocks[:, gated].all()) == expect and bool(exe.blocks[:, gated].any()) == expect
         torch.testing.assert_close(exe.logits, sim.logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["test_skipnet_ff", "test_skipnet_rnn"])
+def test_skipnet_budget_term_charges_the_blocks_its_hard_gates_run(name):
+    """Gates at probability ~0.55 run every block (threshold 0.5): the budget term must see the full cost, not
+    0.55 of it, or it is met while nothing is skipped (the gates then learn no input dependence)."""
+    model = dn.create_model(name).train()
+    model.phase = "supervised"
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.out_features == 1:  # every gate's last layer
+                mod.weight.zero_()
+                mod.bias.fill_(0.2)  # sigmoid(0.2) = 0.55
+    x = torch.randn(6, *model.input_shape)
+    out = model(x, mode="train")
+    assert bool(out.decisions["blocks"].all())
+    full = model.costs()
+    expected_all_run = full.net.stem + full.net.head + sum(full.net.blocks) + sum(full.gates)
+    torch.testing.assert_close(out.expected_cost.detach(), torch.full((6,), float(expected_all_run),
+                                                                      dtype=out.expected_cost.dtype))
+    out.aux_losses["budget"].backward()  # straight-through: the gates still get the budget's gradient
+    grads = [m.bias.grad for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
+    assert grads and all(g is not None and float(g.abs().sum()) > 0 for g in grads)

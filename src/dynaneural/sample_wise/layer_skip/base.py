@@ -117,6 +117,11 @@ class LayerSkipNetwork(DynamicModel):
             raise ValueError("the backbone has no shape-preserving block to skip (use blocks_per_stage >= 2)")
         self.register_buffer("gate_threshold", torch.tensor(float(threshold)))
         self._force_on = False
+        #: the train-mode expected cost counts a block by the decision's forward value (the hard decision, with
+        #: the gradient of its probability under straight-through) instead of its probability. With a 0.5
+        #: threshold, a probability-based budget is met by probabilities just above 0.5 while every block still
+        #: runs: SkipNet's gates then learn no input dependence (session 6, CIFAR-10).
+        self.budget_on_decisions = False
         # Named _profiles so that fold_batch_norms (which resets that attribute) makes the ledger recount.
         self._profiles: dict[Any, Any] = {}
 
@@ -221,7 +226,8 @@ class LayerSkipNetwork(DynamicModel):
             if sample is not None:
                 samples.append(sample)
             if expected is not None:
-                expected = expected + costs.gates[k] + decision.prob * costs.net.blocks[i]
+                used = decision.value.to(decision.prob.dtype) if self.budget_on_decisions else decision.prob
+                expected = expected + costs.gates[k] + used * costs.net.blocks[i]
             if train:
                 v = decision.value.to(h.dtype).view(b, 1, 1, 1)
                 h = h + v * (block(h) - h)  # = block(h) where v = 1, h where v = 0; both get gradients

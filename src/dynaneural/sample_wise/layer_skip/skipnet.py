@@ -108,6 +108,7 @@ class SkipNet(LayerSkipNetwork):
         self.gate_kind = gate
         self.phase = phase
         self.exploration = float(exploration)
+        self.budget_on_decisions = True  # the budget term charges the blocks the straight-through gates run
         chans = tuple(backbone.blocks[i].conv1[0].in_channels for i in self.gate_blocks)
         if gate == "ff":
             self.gates = nn.ModuleList(FeedforwardGate(c, pool=gate_pool, init_bias=init_bias) for c in chans)
