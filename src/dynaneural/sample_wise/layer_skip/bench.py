@@ -166,7 +166,9 @@ def run_layer_skip_bench(recipe: Recipe, *, method: str, out_dir: str | Path, da
     cache = training_dir(out, f"method-{method}", recipe.model, recipe.model_kwargs, recipe.train, recipe.data,
                          {k: v for k, v in opts.items() if k not in ("threads", "calibration_samples",
                                                                      "calibration_iters", "calibration_tol")},
-                         bmeta.get("checkpoint"), int(data.train_x.shape[0]))
+                         bmeta.get("checkpoint"), int(data.train_x.shape[0]),
+                         # what the training objective depends on beyond the recipe: a change there retrains
+                         {"budget_on_decisions": model.budget_on_decisions, "objective_version": 2})
     assert cache is not None
     weights, info = cache / "model.safetensors", cache / "train.json"
     if weights.is_file() and info.is_file():
