@@ -13,6 +13,11 @@ One run, from a recipe (``configs/layer_skip_<method>_<dataset>.yaml``):
    timed against its static twin (the same ResNet run fully) at each batch size, interleaved in one run, batch
    norms folded on both sides;
 4. a per-class block-usage heat map is written beside the JSON rows.
+
+With ``options.static_control: true`` the pretrained ResNet is also trained further *without* gates, with exactly
+the method's training settings (``recipe.train``: epochs, learning-rate schedule, augmentation), and every row
+reports its accuracy (``static_control_accuracy``): the fair reference when the method's fine-tuning is long
+enough to improve the backbone by itself. It is cached like the method.
 """
 
 from __future__ import annotations
@@ -141,6 +146,32 @@ def _train_method(model: LayerSkipNetwork, method: str, recipe: Recipe, data: An
     return seconds
 
 
+def static_control(backbone: CifarResNet, recipe: Recipe, data: Any, *, cache: Path,
+                   log: Callable[[str], None] = print) -> tuple[float, float]:
+    """Train a copy of ``backbone`` with the method's own training settings, gates absent; returns (test accuracy,
+    seconds). Cached under ``cache`` (``model.safetensors`` + ``train.json``)."""
+    net = CifarResNet(backbone.config)
+    net.load_state_dict(backbone.state_dict())
+    weights, info = cache / "model.safetensors", cache / "train.json"
+    if weights.is_file() and info.is_file():
+        net.load_state_dict(load_file(str(weights)))
+        seconds = float(json.loads(info.read_text())["seconds"])
+        log(f"static control: loaded {cache}")
+    else:
+        torch.manual_seed(int(recipe.train.get("seed", 0)))
+        t0 = time.perf_counter()
+        train(net, train_x=data.train_x, train_y=data.train_y, augment=_augment(recipe.dataset), loss_fn=_ce,
+              config=TrainConfig.from_dict({**recipe.train, "progress": False}))
+        seconds = time.perf_counter() - t0
+        cache.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+        info.write_text(json.dumps({"seconds": seconds, "recipe": recipe.name}, indent=2))
+    acc = evaluate(net.eval(), data.test_x, data.test_y).accuracy
+    log(f"static control (the ResNet trained on with the method's settings, no gates): test accuracy {acc:.4f} "
+        f"({seconds:.0f} s)")
+    return acc, seconds
+
+
 def run_layer_skip_bench(recipe: Recipe, *, method: str, out_dir: str | Path, data_dir: str | None = None,
                          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark described by ``recipe`` for ``method``; returns ``{"rows": [SpeedupRow...], ...}``."""
@@ -185,6 +216,12 @@ def run_layer_skip_bench(recipe: Recipe, *, method: str, out_dir: str | Path, da
     all_on_acc = _accuracy(model, data.test_x, data.test_y, all_on=True)
     log(f"{method}: trained ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}); "
         f"all blocks on: test accuracy {all_on_acc:.4f} (pretrained {bmeta['test_accuracy']:.4f})")
+    control_acc, control_seconds = float("nan"), None
+    if opts.get("static_control"):
+        control_acc, control_seconds = static_control(
+            backbone, recipe, data, log=log,
+            cache=training_dir(out, "static-control", arch, recipe.train, recipe.data, bmeta.get("checkpoint"),
+                               int(data.train_x.shape[0])) or out)
 
     n_cal = int(opts.get("calibration_samples", data.val_x.shape[0]))
     cal_x = data.val_x[:n_cal]
@@ -236,7 +273,8 @@ def run_layer_skip_bench(recipe: Recipe, *, method: str, out_dir: str | Path, da
                        "all_on_accuracy": all_on_acc, "pretrained_accuracy": bmeta["test_accuracy"],
                        "backbone_arch": bmeta["arch"], "backbone_train_seconds": bmeta.get("train_seconds"),
                        "method_train_seconds": seconds, "block_usage_plot": plot,
-                       "masked_reference_speedup": masked["realized_speedup"]})
+                       "masked_reference_speedup": masked["realized_speedup"],
+                       "static_control_accuracy": control_acc, "static_control_train_seconds": control_seconds})
             rows.append(row)
             log(f"{method}: budget {budget:g} batch {bs}: accuracy {res.accuracy:.4f} (pretrained "
                 f"{bmeta['test_accuracy']:.4f}), FLOPs {mean_flops / 1e6:.3f}M of {costs.static_total / 1e6:.3f}M, "
