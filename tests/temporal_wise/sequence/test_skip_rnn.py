@@ -6,7 +6,13 @@ import pytest
 import torch
 
 import dynaneural as dn
-from dynaneural.temporal_wise.sequence.skip_rnn import SkipRNN, SkipRNNConfig, _execute_loop, steps_to_next_update
+from dynaneural.temporal_wise.sequence.skip_rnn import (
+    SkipRNN,
+    SkipRNNConfig,
+    _execute_loop,
+    _execute_rounds,
+    steps_to_next_update,
+)
 
 
 def _x(model, n=16, seed=0):
@@ -41,8 +47,12 @@ def test_decisions_follow_the_papers_recursion():
             assert cum[b, z] >= model.threshold
 
 
-def test_execute_equals_eager_loop_and_simulate():
-    model = dn.create_model("test_skip_lstm").eval()
+@pytest.mark.parametrize("name", ["test_skip_lstm", "test_skip_gru"])
+@pytest.mark.parametrize("schedule", ["rounds", "steps"])
+def test_execute_equals_eager_loop_and_simulate(name, schedule):
+    """Both execute schedules, scripted and eager, give simulate's decisions, logits and per-sample cost."""
+    model = dn.create_model(name).eval()
+    model.schedule = schedule
     x = _x(model, 24)
     with torch.inference_mode():
         sim = model(x, mode="simulate")
@@ -53,7 +63,34 @@ def test_execute_equals_eager_loop_and_simulate():
     for out in (eager, scripted):
         torch.testing.assert_close(out.decisions["updates"], sim.decisions["updates"])
         torch.testing.assert_close(out.logits, sim.logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.cost, sim.cost, rtol=0, atol=0)
+    upd = sim.decisions["updates"].sum(1)
     assert 0.2 < float(sim.decisions["updates"].float().mean()) < 0.95
+    assert int(upd.min()) < int(upd.max())  # samples take different numbers of updates: rounds shrink
+
+
+def test_rounds_run_each_update_once_and_no_more_rounds_than_the_busiest_sample():
+    """The round schedule calls the cell once per round with the rows that still have an update left."""
+    model = dn.create_model("test_skip_gru").eval()
+    x = _x(model, 32)
+    calls: list[int] = []
+    real = torch.gru_cell
+
+    def counting(xt, *args):
+        calls.append(xt.shape[0])
+        return real(xt, *args)
+
+    bb = model.backbone
+    torch.gru_cell = counting
+    try:
+        with torch.inference_mode():
+            h, upd = _execute_rounds(x, None, *bb.cell_weights(), model.gate.weight[0], model.gate.bias, 0.5, False)
+    finally:
+        torch.gru_cell = real
+    per_sample = upd.sum(1)
+    assert sum(calls) == int(per_sample.sum())  # every update computed exactly once, nothing else
+    assert len(calls) == int(per_sample.max())  # one call per round
+    assert calls[0] == x.shape[0] and calls == sorted(calls, reverse=True)
 
 
 def test_straight_through_gradient_reaches_the_gate_and_budget_loss():
@@ -108,9 +145,10 @@ def test_static_twin_is_the_fused_rnn():
     assert torch.equal(static.rnn.weight_hh_l0, model.backbone.rnn.weight_hh_l0)
 
 
-def test_loop_handles_single_step_sequences():
+@pytest.mark.parametrize("loop", [_execute_loop, _execute_rounds])
+def test_loop_handles_single_step_sequences(loop):
     model = dn.create_model("test_skip_lstm").eval()
     x = _x(model)[:, :1]
     bb = model.backbone
-    h, upd = _execute_loop(x, bb.embed.weight, *bb.cell_weights(), model.gate.weight[0], model.gate.bias, 0.5, True)
+    h, upd = loop(x, bb.embed.weight, *bb.cell_weights(), model.gate.weight[0], model.gate.bias, 0.5, True)
     assert upd.all() and h.shape == (x.shape[0], bb.hidden_size)
