@@ -64,6 +64,36 @@ def test_pipeline_writes_speedup_rows_and_plots(method, tmp_path, monkeypatch):
     assert again["rows"][0].accuracy == rows[0].accuracy and again["rows"][0].mean_flops == rows[0].mean_flops
 
 
+def test_static_control_is_the_backbone_trained_on_with_the_method_settings(tmp_path, monkeypatch):
+    """options.static_control trains a gate-free copy with recipe.train, reports it per row, and caches it."""
+    monkeypatch.setattr(bench, "load_dataset", lambda *a, **k: _tiny_data())
+    arch = {"widths": [4, 8, 8], "blocks_per_stage": 2, "in_chans": 3, "input_size": 8, "num_classes": 4}
+    recipe = Recipe.from_dict({
+        "name": "tiny_aig_control", "model": "aig_resnet", "dataset": "cifar10", "model_kwargs": arch,
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.01, "device": "cpu"},
+        "calibration": {"budgets": [0.8]}, "bench": {"batch_sizes": [16], "repeats": 1, "timed_samples": 32},
+        "options": {"backbone_dir": str(tmp_path / "cache"), "calibration_iters": 10, "calibration_tol": 0.05,
+                    "static_control": True,
+                    "backbone_train": {"epochs": 1, "batch_size": 32, "lr": 0.05, "device": "cpu"}}})
+    lines = []
+    rows = bench.run_layer_skip_bench(recipe, method="aig", out_dir=tmp_path / "out", log=lines.append)["rows"]
+    acc = rows[0].extra["static_control_accuracy"]
+    assert 0.0 <= acc <= 1.0 and rows[0].extra["static_control_train_seconds"] > 0
+    assert any(line.startswith("static control") for line in lines)
+    # the control differs from the pretrained backbone (it was trained further) and is reloaded next time
+    backbone, _ = bench.pretrained_backbone(arch, recipe.options["backbone_train"], _tiny_data(), dataset="cifar10",
+                                            cache_dir=tmp_path / "cache", log=lambda _: None)
+    ctrl_dir = next((tmp_path / "out" / "checkpoints").glob("static-control-*"))
+    from safetensors.torch import load_file
+
+    ctrl = load_file(str(ctrl_dir / "model.safetensors"))
+    assert any(not torch.equal(ctrl[k], v) for k, v in backbone.state_dict().items() if v.is_floating_point())
+    lines.clear()
+    again = bench.run_layer_skip_bench(recipe, method="aig", out_dir=tmp_path / "out", log=lines.append)["rows"]
+    assert any("static control: loaded" in line for line in lines)
+    assert again[0].extra["static_control_accuracy"] == acc
+
+
 def test_method_and_recipe_must_agree():
     recipe = load_recipe("layer_skip_aig_cifar10")
     with pytest.raises(ValueError, match="not blockdrop_resnet"):
