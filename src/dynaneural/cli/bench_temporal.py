@@ -181,6 +181,12 @@ def timing_rows(method: str, *, sizes: list[tuple[int, int, int, int]], target: 
         mean_flops = float(out.cost.mean())
         t = _time_batches(static, lambda b, model=model: model(b, mode="execute"), [x], repeats=repeats)
         theo = full / mean_flops
+        extra_timing: dict[str, float] = {}
+        if getattr(model, "schedule", None) == "rounds":  # the step-synchronous schedule, for comparison
+            model.schedule = "steps"
+            extra_timing["realized_speedup_steps_schedule"] = _time_batches(
+                static, lambda b, model=model: model(b, mode="execute"), [x], repeats=repeats)["realized_speedup"]
+            model.schedule = "rounds"
         row = SpeedupRow(method=method, batch_size=batch, accuracy=math.nan, mean_flops=mean_flops,
                          static_flops=full, theoretical_speedup=theo, realized_over_theoretical=t["realized_speedup"] / theo,
                          budget=target, unit="work_fraction", achieved_budget=float(_work_fraction(out).mean()),
@@ -188,9 +194,12 @@ def timing_rows(method: str, *, sizes: list[tuple[int, int, int, int]], target: 
                          extra={"kind": "timing", "hidden_size": hidden, "input_size": feat, "steps": steps,
                                 "knob": cal.knob, "skipped_fraction": 1 - float(_work_fraction(out).mean()),
                                 "baseline": f"fused nn.{'GRU' if kw.get('cell') == 'gru' else 'LSTM'}",
+                                "schedule": getattr(model, "schedule", None), **extra_timing,
                                 "threads": torch.get_num_threads()})
         log(f"  B={batch} H={hidden} F={feat} T={steps}: work {row.achieved_budget:.3f} theoretical "
-            f"{theo:.2f}x realized {row.realized_speedup:.2f}x")
+            f"{theo:.2f}x realized {row.realized_speedup:.2f}x"
+            + (f" (step-synchronous schedule {extra_timing['realized_speedup_steps_schedule']:.2f}x)"
+               if extra_timing else ""))
         rows.append(row)
     return rows
 

@@ -152,3 +152,33 @@ def test_loop_handles_single_step_sequences(loop):
     bb = model.backbone
     h, upd = loop(x, bb.embed.weight, *bb.cell_weights(), model.gate.weight[0], model.gate.bias, 0.5, True)
     assert upd.all() and h.shape == (x.shape[0], bb.hidden_size)
+
+
+@pytest.mark.parametrize("schedule", ["rounds", "steps"])
+def test_execute_loops_compile_with_torchscript(schedule):
+    """The scripted loop must really be scripted: a scripting error falls back to eager silently at run time."""
+    from dynaneural.temporal_wise.sequence.skip_rnn import _scripted_loop
+
+    assert isinstance(_scripted_loop(schedule), torch.jit.ScriptFunction)
+
+
+def test_packed_onednn_gemm_matches_addmm():
+    """The oneDNN packed-weight GEMM (CPU float32) and addmm give the same decisions and states."""
+    from dynaneural.temporal_wise.sequence.skip_rnn import _onednn_linear_available
+
+    if not _onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN linear ops")
+    model = SkipRNN(SkipRNNConfig(input_size=12, hidden_size=32, num_classes=3, max_len=20)).eval()
+    with torch.no_grad():
+        model.gate.weight.mul_(8.0 / float(model.gate.weight.norm()))
+    x = torch.randn(40, 20, 12, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        model.pack = True
+        packed = model(x, mode="execute")
+        model.pack = False
+        plain = model(x, mode="execute")
+        sim = model(x, mode="simulate")
+    torch.testing.assert_close(packed.decisions["updates"], plain.decisions["updates"])
+    torch.testing.assert_close(packed.decisions["updates"], sim.decisions["updates"])
+    torch.testing.assert_close(packed.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.logits, sim.logits, rtol=1e-4, atol=1e-4)
