@@ -182,3 +182,19 @@ def test_packed_onednn_gemm_matches_addmm():
     torch.testing.assert_close(packed.decisions["updates"], sim.decisions["updates"])
     torch.testing.assert_close(packed.logits, plain.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed.logits, sim.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_execute_with_grad_mode_on_runs_without_the_packed_op():
+    """Execute mode is for inference, but a forward with grad mode on (no inference_mode) must still run: the
+    packed oneDNN op, which has no autograd formula, is then replaced by addmm, with the same result."""
+    model = SkipRNN(SkipRNNConfig(input_size=6, hidden_size=16, num_classes=3, max_len=10)).eval()
+    x = torch.randn(8, 10, 6)
+    assert torch.is_grad_enabled() and not model._use_packed_gemm()
+    out = model(x, mode="execute")
+    with torch.inference_mode():
+        from dynaneural.temporal_wise.sequence.skip_rnn import _onednn_linear_available
+
+        assert model._use_packed_gemm() == _onednn_linear_available()
+        again = model(x, mode="execute")
+    torch.testing.assert_close(again.logits, out.logits.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again.decisions["updates"], out.decisions["updates"])

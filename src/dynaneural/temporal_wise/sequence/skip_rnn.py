@@ -128,8 +128,8 @@ def _execute_rounds(x: torch.Tensor, emb: torch.Tensor | None, w_ih: torch.Tenso
     sample's own sequence of updates. Round r runs the r-th update of every sample that has one left, each at
     its own time step (its input row is gathered from ``x[b, t_b]``): one GEMM over up to the whole batch per
     round instead of one over the rows due at each time step. There are as many rounds as the most-updating
-    sample has updates, and the rows per GEMM are front-loaded (all B in the first rounds), which oneDNN runs at
-    a higher rate than half-batches. The arithmetic of each row is exactly the step-synchronous loop's.
+    sample has updates (fewer calls than due time steps), and the rows per GEMM are front-loaded (all B in the
+    first rounds). The arithmetic of each row is exactly the step-synchronous loop's.
     """
     b, steps = x.size(0), x.size(1)
     w_cat, b_cat = _cat_weights(w_ih, w_hh, b_ih, b_hh, lstm)
@@ -170,11 +170,11 @@ def _execute_rounds(x: torch.Tensor, emb: torch.Tensor | None, w_ih: torch.Tenso
 def _execute_loop(x: torch.Tensor, emb: torch.Tensor | None, w_ih: torch.Tensor, w_hh: torch.Tensor,
                   b_ih: torch.Tensor, b_hh: torch.Tensor, w_g: torch.Tensor, b_g: torch.Tensor, threshold: float,
                   lstm: bool, pack: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Event-driven Skip RNN over x (B, T[, F]); returns the final hidden state (B, H) and updates (B, T) bool.
+    """Event-driven Skip RNN over x (B, T[, F]) walking time (``schedule="steps"``); returns the final hidden state
+    (B, H) and updates (B, T) bool.
 
     Written in the TorchScript subset (it is compiled once per process by :func:`_scripted_loop`). The LSTM step
-    is one GEMM of the due rows' ``[x_t, h]`` with the stacked ``[W_ih, W_hh]`` (gate columns reordered to
-    i, f, o | g so one in-place sigmoid and one tanh cover them), not two GEMMs and a sum as ``lstm_cell`` does.
+    is :func:`_lstm_rows` on the rows due at the current step.
     """
     b, steps = x.size(0), x.size(1)
     hidden = w_hh.size(1)
@@ -219,6 +219,8 @@ def _onednn_linear_available() -> bool:
                              and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                              and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
     return _ONEDNN["ok"]
+
+
 _SCRIPTED: dict[str, object] = {}
 
 
@@ -300,9 +302,13 @@ class SkipRNN(SequenceModel):
         #: execute-mode scheduling: ``"rounds"`` (each round runs every sample's next update, wherever it falls
         #: in time) or ``"steps"`` (the due rows of one time step at a time); same arithmetic, same results.
         self.schedule: Literal["rounds", "steps"] = "rounds"
-        #: run the LSTM step's GEMM with oneDNN's pre-packed weights on CPU (float32), as the fused ``nn.LSTM``
-        #: does; ``False``: ``addmm``. Same arithmetic up to float rounding.
+        #: run the LSTM step's GEMM with oneDNN's pre-packed weights on CPU (float32, without autograd), as the
+        #: fused ``nn.LSTM`` does; ``False``: ``addmm``. Same arithmetic up to float rounding.
         self.pack = True
+
+    def _use_packed_gemm(self) -> bool:
+        """The packed oneDNN op has no autograd formula: used for inference only (no_grad / inference_mode)."""
+        return self.pack and not torch.is_grad_enabled() and _onednn_linear_available()
 
     # ------------------------------------------------------------------------------------------- contract
     def set_threshold(self, threshold: float) -> None:
@@ -391,7 +397,7 @@ class SkipRNN(SequenceModel):
         loop = _scripted_loop(self.schedule) if self.script else _LOOPS[self.schedule]
         emb = bb.embed.weight if bb.embed is not None else None
         h, updates = loop(x, emb, *bb.cell_weights(), self.gate.weight[0], self.gate.bias, self.threshold,
-                          bb.cell == "lstm", self.pack and _onednn_linear_available())  # type: ignore[operator]
+                          bb.cell == "lstm", self._use_packed_gemm())  # type: ignore[operator]
         return h, updates, None
 
 
