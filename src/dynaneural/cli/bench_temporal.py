@@ -502,6 +502,36 @@ def _timeline_png(model: Any, data: Any, path: Path, *, title: str, n: int = 12)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+def kernel_rows(*, hidden: int = 512, feat: int = 128, rows: tuple[int, ...] = (64, 128, 256), repeats: int = 21
+                ) -> list[dict[str, Any]]:
+    """The Skip LSTM step's kernels, timed interleaved: its GEMM (``[x_t, h]`` × stacked weights) with oneDNN's
+    packed weight against ``addmm``, and ``tanh`` against ``sigmoid`` on the same (rows, hidden) tensor."""
+    from dynaneural.bench.timing import compare
+    from dynaneural.temporal_wise.sequence.skip_rnn import _cat_weights, _onednn_linear_available, _pack_weight
+
+    lstm = torch.nn.LSTM(feat, hidden)
+    w_cat, b_cat = _cat_weights(lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0, True)
+    out: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        w_packed = _pack_weight(w_cat, _onednn_linear_available())
+        for n in rows:
+            a = torch.randn(n, feat + hidden)
+            macs = n * (feat + hidden) * 4 * hidden
+            row: dict[str, Any] = {"kind": "kernel", "rows": n, "hidden_size": hidden, "input_size": feat}
+            if w_packed is not None:
+                cmp = compare(lambda a=a: torch.addmm(b_cat, a, w_cat),
+                              lambda a=a: torch.ops.mkldnn._linear_pointwise(a, w_packed, b_cat, "none", [], ""),
+                              repeats=repeats)
+                row.update(gemm_packed_over_addmm=cmp.speedup, addmm_gmacs=macs / cmp.baseline_s / 1e9,
+                           packed_gmacs=macs / cmp.candidate_s / 1e9)
+            z = torch.randn(n, hidden)
+            act = compare(lambda z=z: torch.tanh(z), lambda z=z: torch.sigmoid(z), repeats=repeats)
+            row.update(tanh_over_sigmoid_time=act.speedup, tanh_us=act.baseline_s * 1e6,
+                       sigmoid_us=act.candidate_s * 1e6)
+            out.append(row)
+    return out
+
+
 def _size(text: str) -> tuple[int, int, int, int]:
     try:
         b, h, f, t = (int(v) for v in text.split("x"))
@@ -525,6 +555,10 @@ def cmd_bench_temporal(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(threads))
     rows: list[Any] = []
     target = args.target if args.target is not None else float(opts.get("target", 0.5))
+    if args.kernels:
+        krows = kernel_rows(repeats=recipe.bench.repeats * 3)
+        print(format_rows(krows, list(krows[0])))
+        rows += krows
     if not args.no_timing:
         sizes = args.sizes or [tuple(int(v) for v in sz) for sz in opts.get("timing_sizes", [])]
         print(f"timing {args.method} at {target:.0%} work against the fused static net", flush=True)
@@ -546,8 +580,11 @@ def cmd_bench_temporal(args: argparse.Namespace) -> int:
                           out_dir=Path(args.out) if args.out else None, model_name=recipe.model,
                           model_kwargs=recipe.model_kwargs, batch_size=int(train.get("batch_size", 64)),
                           lr=float(train.get("lr", 2e-3)), seed=int(train.get("seed", 0)))
-    print(format_rows(rows, ["method", "batch_size", "budget", "achieved_budget", "accuracy", "static_accuracy",
-                             "theoretical_speedup", "realized_speedup", "realized_over_theoretical"]))
+    speed_rows = [r for r in rows if not (isinstance(r, dict) and r.get("kind") == "kernel")]
+    if speed_rows:
+        print(format_rows(speed_rows, ["method", "batch_size", "budget", "achieved_budget", "accuracy",
+                                       "static_accuracy", "theoretical_speedup", "realized_speedup",
+                                       "realized_over_theoretical"]))
     if args.json:
         path = write_bench_json(args.json, rows, family="temporal-sequence", method=args.method,
                                 recipe=recipe.name)
@@ -564,6 +601,8 @@ def register(bsub: Any, *, common: Callable[[argparse.ArgumentParser], None],
     p.add_argument("--sizes", type=_size, nargs="+", default=None, help="timing sizes BATCHxHIDDENxFEATURESxSTEPS")
     p.add_argument("--target", type=float, default=None, help="fraction of steps doing full work (timing rows)")
     p.add_argument("--no-timing", action="store_true", help="skip the synthetic timing rows")
+    p.add_argument("--kernels", action="store_true",
+                   help="also time the Skip LSTM step's kernels (packed vs addmm GEMM, tanh vs sigmoid)")
     p.add_argument("--sst2", action="store_true", help="train on SST-2 and add accuracy rows")
     p.add_argument("--task", choices=TASKS, nargs="+", default=None,
                    help="Skip RNN only: train on the adding task / FSDD log-mel next to a full-updating RNN")

@@ -146,30 +146,42 @@ def _train_method(model: LayerSkipNetwork, method: str, recipe: Recipe, data: An
     return seconds
 
 
-def static_control(backbone: CifarResNet, recipe: Recipe, data: Any, *, cache: Path,
-                   log: Callable[[str], None] = print) -> tuple[float, float]:
-    """Train a copy of ``backbone`` with the method's own training settings, gates absent; returns (test accuracy,
-    seconds). Cached under ``cache`` (``model.safetensors`` + ``train.json``)."""
-    net = CifarResNet(backbone.config)
-    net.load_state_dict(backbone.state_dict())
+def _load_or_train(net: torch.nn.Module, cache: Path, train_fn: Callable[[], Any], *, recipe: str
+                   ) -> tuple[Any, bool]:
+    """Load ``net`` from ``cache`` (``model.safetensors`` + ``train.json``) or run ``train_fn()`` and save it there;
+    returns what ``train_fn`` returned (the stored copy when loaded) and whether it was loaded."""
     weights, info = cache / "model.safetensors", cache / "train.json"
     if weights.is_file() and info.is_file():
         net.load_state_dict(load_file(str(weights)))
-        seconds = float(json.loads(info.read_text())["seconds"])
-        log(f"static control: loaded {cache}")
-    else:
+        return json.loads(info.read_text())["seconds"], True
+    seconds = train_fn()
+    cache.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    info.write_text(json.dumps({"seconds": seconds, "recipe": recipe}, indent=2))
+    return seconds, False
+
+
+def static_control(backbone: CifarResNet, recipe: Recipe, data: Any, *, cache: Path,
+                   log: Callable[[str], None] = print) -> tuple[float, float]:
+    """Train a copy of ``backbone`` with the method's own training settings, gates absent; returns (test accuracy,
+    seconds). Cached under ``cache``."""
+    net = CifarResNet(backbone.config)
+    net.load_state_dict(backbone.state_dict())
+
+    def fit() -> float:
         torch.manual_seed(int(recipe.train.get("seed", 0)))
         t0 = time.perf_counter()
         train(net, train_x=data.train_x, train_y=data.train_y, augment=_augment(recipe.dataset), loss_fn=_ce,
               config=TrainConfig.from_dict({**recipe.train, "progress": False}))
-        seconds = time.perf_counter() - t0
-        cache.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
-        info.write_text(json.dumps({"seconds": seconds, "recipe": recipe.name}, indent=2))
+        return time.perf_counter() - t0
+
+    seconds, loaded = _load_or_train(net, cache, fit, recipe=recipe.name)
+    if loaded:
+        log(f"static control: loaded {cache}")
     acc = evaluate(net.eval(), data.test_x, data.test_y).accuracy
     log(f"static control (the ResNet trained on with the method's settings, no gates): test accuracy {acc:.4f} "
-        f"({seconds:.0f} s)")
-    return acc, seconds
+        f"({float(seconds):.0f} s)")
+    return acc, float(seconds)
 
 
 def run_layer_skip_bench(recipe: Recipe, *, method: str, out_dir: str | Path, data_dir: str | None = None,
@@ -201,17 +213,14 @@ def run_layer_skip_bench(recipe: Recipe, *, method: str, out_dir: str | Path, da
                          # what the training objective depends on beyond the recipe: a change there retrains
                          {"budget_on_decisions": model.budget_on_decisions, "objective_version": 2})
     assert cache is not None
-    weights, info = cache / "model.safetensors", cache / "train.json"
-    if weights.is_file() and info.is_file():
-        model.load_state_dict(load_file(str(weights)))
-        seconds = json.loads(info.read_text())["seconds"]
-        log(f"{method}: loaded the trained model from {cache}")
-    else:
+
+    def fit() -> dict[str, float]:
         torch.manual_seed(int(recipe.train.get("seed", 0)))
-        seconds = _train_method(model, method, recipe, data, opts, log)
-        cache.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-        info.write_text(json.dumps({"seconds": seconds, "recipe": recipe.name}, indent=2))
+        return _train_method(model, method, recipe, data, opts, log)
+
+    seconds, loaded = _load_or_train(model, cache, fit, recipe=recipe.name)
+    if loaded:
+        log(f"{method}: loaded the trained model from {cache}")
     model.eval()
     all_on_acc = _accuracy(model, data.test_x, data.test_y, all_on=True)
     log(f"{method}: trained ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}); "
