@@ -17,6 +17,7 @@ frame, fused ``nn.LSTM``). Pictures of what was read go to ``--out``.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 from pathlib import Path
@@ -33,7 +34,11 @@ def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
     p.add_argument("--quick", action="store_true", help="the recipe's quick variant (a smoke-sized run)")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--json", default=None, help="write the rows here (default benchmarks/temporal_media_<task>.json)")
-    p.add_argument("--out", default=None, help="run folder for pictures (default runs/bench-<recipe>)")
+    p.add_argument("--out", default=None, help="run folder for pictures and the trainings' checkpoints, which a "
+                   "re-run with the same settings reuses (default runs/bench-<recipe>)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="train and measure once per training seed (model init, data order, sampling); the data "
+                        "split stays fixed. Rows carry their seed; a per-budget mean and spread is printed")
     data_opts(p)
     common(p)
     p.set_defaults(fn=cmd_bench_temporal_media)
@@ -48,11 +53,26 @@ def cmd_bench_temporal_media(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/bench-{recipe.name}")
     t0 = time.perf_counter()
     runner = {"video": _run_video, "audio": _run_audio, "fusion": _run_fusion}[args.task]
-    rows, meta = runner(recipe, data_dir=args.data_dir, out=out, progress=not args.no_progress)
     from dynaneural.bench.rows import format_rows, write_bench_json
 
-    print(format_rows(rows, ["method", "budget", "batch_size", "accuracy", "static_accuracy", "theoretical_speedup",
-                             "realized_speedup", "realized_over_theoretical", "frames_seen_fraction"]))
+    columns = ["method", "budget", "batch_size", "accuracy", "static_accuracy", "theoretical_speedup",
+               "realized_speedup", "realized_over_theoretical", "frames_seen_fraction"]
+    if not args.seeds:
+        rows, meta = runner(recipe, data_dir=args.data_dir, out=out, progress=not args.no_progress)
+    else:
+        rows, metas = [], {}
+        for seed in args.seeds:
+            seeded = copy.deepcopy(recipe)
+            seeded.train["seed"] = int(seed)
+            seed_rows, metas[str(seed)] = runner(seeded, data_dir=args.data_dir, out=out / f"seed{seed}",
+                                                 progress=not args.no_progress)
+            for row in seed_rows:
+                row.extra["seed"] = int(seed)
+            rows += seed_rows
+        meta = {"seeds": list(args.seeds), "per_seed": metas, "seed_summary": seed_summary(rows)}
+        columns.append("seed")
+        print(format_seed_summary(meta["seed_summary"]))
+    print(format_rows(rows, columns))
     path = write_bench_json(args.json or f"benchmarks/temporal_media_{args.task}.json", rows, task=args.task,
                             recipe=recipe.name, seconds=time.perf_counter() - t0, **meta)
     print(f"wrote {path} and pictures under {out} ({time.perf_counter() - t0:.0f} s)")
@@ -60,12 +80,51 @@ def cmd_bench_temporal_media(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _train(model: Any, recipe: Any, x: Any, y: Any, vx: Any, vy: Any, *, loss_fn: Any, progress: bool) -> float:
+def seed_summary(rows: list[Any]) -> list[dict[str, Any]]:
+    """Per (method, budget, batch size): mean and sample standard deviation over the seeds of the accuracy, its
+    difference to the all-frames static accuracy of the same seed, and the realized speed-up."""
+    groups: dict[tuple[str, float, int], list[Any]] = {}
+    for r in rows:
+        groups.setdefault((r.method, r.budget, r.batch_size), []).append(r)
+
+    def stats(v: list[float]) -> tuple[float, float]:
+        m = sum(v) / len(v)
+        sd = math.sqrt(sum((a - m) ** 2 for a in v) / (len(v) - 1)) if len(v) > 1 else math.nan
+        return m, sd
+
+    out = []
+    for (method, budget, bs), rs in groups.items():
+        delta = [100.0 * (r.accuracy - r.static_accuracy) for r in rs]
+        d_mean, d_sd = stats(delta)
+        a_mean, a_sd = stats([100.0 * r.accuracy for r in rs])
+        s_mean, s_sd = stats([r.realized_speedup for r in rs])
+        t_mean, _ = stats([r.theoretical_speedup for r in rs])
+        out.append({"method": method, "budget": budget, "batch_size": bs, "seeds": [r.extra.get("seed") for r in rs],
+                    "accuracy_mean": a_mean, "accuracy_std": a_sd, "delta_pp": delta, "delta_pp_mean": d_mean,
+                    "delta_pp_std": d_sd, "delta_pp_worst": min(delta), "realized_speedup_mean": s_mean,
+                    "realized_speedup_std": s_sd, "theoretical_speedup_mean": t_mean})
+    return out
+
+
+def format_seed_summary(summary: list[dict[str, Any]]) -> str:
+    lines = ["method                 budget  batch  acc % (mean ± sd)   Δ pp (mean ± sd, worst)   theory  realized"]
+    for s in summary:
+        lines.append(f"{s['method']:<22} {s['budget']:>6} {s['batch_size']:>6}  {s['accuracy_mean']:6.2f} ± "
+                     f"{s['accuracy_std']:4.2f}      {s['delta_pp_mean']:+5.2f} ± {s['delta_pp_std']:4.2f}, "
+                     f"{s['delta_pp_worst']:+5.2f}       {s['theoretical_speedup_mean']:5.2f}×  "
+                     f"{s['realized_speedup_mean']:5.2f}× ± {s['realized_speedup_std']:.2f}")
+    return "\n".join(lines)
+
+
+def _train(model: Any, recipe: Any, x: Any, y: Any, vx: Any, vy: Any, *, loss_fn: Any, progress: bool,
+           cache: Path | None = None) -> float:
+    """Train with the recipe's settings; returns the seconds it took. With ``cache`` (a
+    ``bench.cache.training_dir``), the training checkpoints there and a finished one is loaded, not redone."""
     import torch
 
     from dynaneural.engine import TrainConfig, train
 
-    cfg = TrainConfig.from_dict({**recipe.train, "progress": progress, "device": "cpu"})
+    cfg = TrainConfig.from_dict({**recipe.train, "progress": progress, "device": "cpu", "checkpoint_dir": cache})
     t = time.perf_counter()
     train(model, train_x=x, train_y=y, val_x=vx, val_y=vy, config=cfg, loss_fn=loss_fn)
     model.eval()
@@ -135,6 +194,7 @@ def _run_video(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tupl
     import torch
 
     import dynaneural as dn
+    from dynaneural.bench.cache import training_dir
     from dynaneural.temporal_wise.video.moving_digits import MovingDigitsConfig, load_moving_digits
     from dynaneural.temporal_wise.video.visualize import plot_clip_selection, plot_timelines
 
@@ -151,9 +211,11 @@ def _run_video(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tupl
     meta: dict[str, Any] = {"clips": data.as_dict(), "encoder_widths": list(kw.get("widths", (16, 32, 64)))}
 
     # 1. Early exit over frames (also the warm start of AdaFrame).
-    fe = dn.create_model(opt.get("frame_exit_model", "frame_exit_moving_digits"), **kw)
+    fe_name = opt.get("frame_exit_model", "frame_exit_moving_digits")
+    fe = dn.create_model(fe_name, **kw)
+    fe_key = (fe_name, kw, recipe.train, recipe.data, opt)
     meta["frame_exit_train_s"] = _train(fe, recipe, tr.x, tr.y, va.x, va.y, loss_fn=fe.training_loss,
-                                        progress=progress)
+                                        progress=progress, cache=training_dir(out, "frame_exit", *fe_key))
     static_acc, static = _static_acc(fe, te.x, te.y)
     meta["static_accuracy_all_frames"] = static_acc
     for budget in recipe.calibration.budgets:
@@ -174,7 +236,9 @@ def _run_video(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tupl
         getattr(ada, name).load_state_dict(getattr(fe, name).state_dict())
     ada_train = {**recipe.train, **opt.get("adaframe_train", {})}
     meta["adaframe_train_s"] = _train(ada, SimpleNamespace(train=ada_train), tr.x, tr.y, va.x, va.y,
-                                      loss_fn=ada.training_loss, progress=progress)
+                                      loss_fn=ada.training_loss, progress=progress,
+                                      cache=training_dir(out, "adaframe", recipe.model, recipe.model_kwargs,
+                                                         ada_train, fe_key))
     ada_static_acc, ada_static = _static_acc(ada, te.x, te.y)
     for budget in recipe.calibration.budgets:
         try:
@@ -214,6 +278,7 @@ def _run_audio(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tupl
     import torch
 
     import dynaneural as dn
+    from dynaneural.bench.cache import training_dir
     from dynaneural.temporal_wise.audio.fsdd_features import load_fsdd_logmel
     from dynaneural.temporal_wise.video.visualize import plot_timelines
 
@@ -221,7 +286,8 @@ def _run_audio(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tupl
     d = load_fsdd_logmel(data_dir=data_dir, **recipe.data, **recipe.options.get("features", {}))
     model = dn.create_model(recipe.model, frames=d.frames, n_mels=d.n_mels, **recipe.model_kwargs)
     train_s = _train(model, recipe, d.train_x, d.train_y, d.val_x, d.val_y, loss_fn=model.training_loss,
-                     progress=progress)
+                     progress=progress, cache=training_dir(out, "audio", recipe.model, recipe.model_kwargs,
+                                                           recipe.train, recipe.data, recipe.options))
     static_acc, static = _static_acc(model, d.test_x, d.test_y)
     rows: list[Any] = []
 
@@ -251,6 +317,7 @@ def _run_fusion(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tup
     import torch
 
     import dynaneural as dn
+    from dynaneural.bench.cache import training_dir
     from dynaneural.data import load_dataset
     from dynaneural.temporal_wise.audio.fsdd_features import load_fsdd_logmel
     from dynaneural.temporal_wise.audio.fusion import AUDIO, BOTH, IMAGE, make_audio_visual_pairs
@@ -267,7 +334,9 @@ def _run_fusion(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tup
     tx, ty, tk = make_audio_visual_pairs(d.test_x, d.test_y, mnist.test_x, mnist.test_y, seed=seed + 2,
                                          repeats=int(opt.get("test_repeats", 3)), corrupt=corrupt)
     model = dn.create_model(recipe.model, frames=d.frames, n_mels=d.n_mels, **recipe.model_kwargs)
-    train_s = _train(model, recipe, x, y, vx, vy, loss_fn=None, progress=progress)
+    train_s = _train(model, recipe, x, y, vx, vy, loss_fn=None, progress=progress,
+                     cache=training_dir(out, "fusion", recipe.model, recipe.model_kwargs, recipe.train, recipe.data,
+                                        opt))
     static_acc, static = _static_acc(model, tx, ty)
 
     def extra(res: dict[str, Any]) -> dict[str, Any]:

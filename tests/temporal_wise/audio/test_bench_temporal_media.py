@@ -28,3 +28,37 @@ def require_fsdd():
     root = Path(os.environ.get("DYNANEURAL_DATA", ""))
     if not (root / "fsdd" / "recordings" / "0_george_0.wav").is_file():
         pytest.skip("FSDD not present")
+
+
+@pytest.mark.slow
+def test_bench_seeds_and_checkpoint_reuse(tmp_path, require_fsdd):
+    out = tmp_path / "fusion.json"
+    args = ["bench", "temporal-media", "--task", "fusion", "--quick", "--no-progress", "--no-allocator-tuning",
+            "--json", str(out), "--out", str(tmp_path / "run"), "--seeds", "0", "1"]
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    assert sorted({r["seed"] for r in doc["rows"]}) == [0, 1]
+    assert doc["seeds"] == [0, 1] and doc["seed_summary"][0]["seeds"] == [0, 1]
+    ckpts = sorted(p.parent.name for p in (tmp_path / "run").rglob("last.safetensors"))
+    assert len(ckpts) == 2 and ckpts[0] != ckpts[1]  # one training per seed, different digests
+    first = {s: m["train_s"] for s, m in doc["per_seed"].items()}
+    assert main(args) == 0  # the re-run loads the finished trainings instead of training again
+    again = json.loads(out.read_text())
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in doc["rows"]]
+    assert all(again["per_seed"][s]["train_s"] < first[s] for s in first)
+
+
+def test_seed_summary_statistics():
+    from types import SimpleNamespace
+
+    from dynaneural.cli.bench_temporal_media import seed_summary
+
+    rows = [SimpleNamespace(method="m", budget=0.5, batch_size=64, accuracy=a, static_accuracy=s,
+                            realized_speedup=r, theoretical_speedup=2.0, extra={"seed": i})
+            for i, (a, s, r) in enumerate([(0.80, 0.81, 1.5), (0.78, 0.81, 1.7), (0.82, 0.81, 1.6)])]
+    (summary,) = seed_summary(rows)
+    assert summary["seeds"] == [0, 1, 2]
+    assert summary["delta_pp"] == pytest.approx([-1.0, -3.0, 1.0])
+    assert summary["delta_pp_mean"] == pytest.approx(-1.0) and summary["delta_pp_worst"] == pytest.approx(-3.0)
+    assert summary["delta_pp_std"] == pytest.approx(2.0)
+    assert summary["realized_speedup_mean"] == pytest.approx(1.6)
