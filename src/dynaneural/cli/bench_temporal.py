@@ -507,13 +507,13 @@ def kernel_rows(*, hidden: int = 512, feat: int = 128, rows: tuple[int, ...] = (
     """The Skip LSTM step's kernels, timed interleaved: its GEMM (``[x_t, h]`` × stacked weights) with oneDNN's
     packed weight against ``addmm``, and ``tanh`` against ``sigmoid`` on the same (rows, hidden) tensor."""
     from dynaneural.bench.timing import compare
-    from dynaneural.temporal_wise.sequence.skip_rnn import _cat_weights, _onednn_linear_available, _pack_weight
+    from dynaneural.layers.lstm import cat_lstm_weights, onednn_linear_available, pack_linear_weight
 
     lstm = torch.nn.LSTM(feat, hidden)
-    w_cat, b_cat = _cat_weights(lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0, True)
+    w_cat, b_cat = cat_lstm_weights(lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0, True)
     out: list[dict[str, Any]] = []
     with torch.inference_mode():
-        w_packed = _pack_weight(w_cat, _onednn_linear_available())
+        w_packed = pack_linear_weight(w_cat, onednn_linear_available())
         for n in rows:
             a = torch.randn(n, feat + hidden)
             macs = n * (feat + hidden) * 4 * hidden

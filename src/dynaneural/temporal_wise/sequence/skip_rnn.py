@@ -52,6 +52,10 @@ from torch import nn
 from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import resolve_mode
 from dynaneural.execution import Mode
+from dynaneural.layers.lstm import cat_lstm_weights as _cat_weights
+from dynaneural.layers.lstm import lstm_rows as _lstm_rows
+from dynaneural.layers.lstm import onednn_linear_available as _onednn_linear_available
+from dynaneural.layers.lstm import pack_linear_weight as _pack_weight
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies import BudgetLoss, straight_through
 from dynaneural.registry import register_model
@@ -71,51 +75,6 @@ def steps_to_next_update(p: torch.Tensor, threshold: float, limit: int) -> torch
     Every mode computes the schedule with this one expression, so their decisions agree bit for bit.
     """
     return torch.ceil(threshold / p).clamp(1.0, float(limit)).long()
-
-
-def _cat_weights(w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor, b_hh: torch.Tensor,
-                 lstm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LSTM's stacked ``[W_ih, W_hh]`` (F + H, 4H) and summed bias, gate columns reordered to i, f, o | g,
-    the g columns doubled (see :func:`_lstm_rows`)."""
-    if not lstm:
-        return torch.zeros(0), torch.zeros(0)
-    hidden = w_hh.size(1)
-    order = torch.cat([torch.arange(0, 2 * hidden), torch.arange(3 * hidden, 4 * hidden),
-                       torch.arange(2 * hidden, 3 * hidden)]).to(w_hh.device)
-    scale = torch.ones(4 * hidden, dtype=w_hh.dtype, device=w_hh.device)
-    scale[3 * hidden:] = 2.0
-    w = torch.cat([w_ih, w_hh], 1).index_select(0, order) * scale.unsqueeze(1)
-    return w.t().contiguous(), (b_ih + b_hh).index_select(0, order) * scale
-
-
-def _pack_weight(w_cat: torch.Tensor, pack: bool) -> torch.Tensor | None:
-    """oneDNN's pre-packed copy of the stacked weights (the layout its own fused LSTM uses; its GEMM runs ~20 %
-    faster here than ``addmm``'s), or None where it does not apply (not asked, or not a float32 CPU tensor)."""
-    if not pack or w_cat.device.type != "cpu" or w_cat.dtype != torch.float32:
-        return None
-    return torch.ops.mkldnn._reorder_linear_weight(w_cat.t().contiguous())
-
-
-def _lstm_rows(xt: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_cat: torch.Tensor, b_cat: torch.Tensor,
-               w_packed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One LSTM step of some rows: one GEMM of ``[x_t, h]`` with the stacked weights (oneDNN's packed weight when
-    given, else ``addmm``) and one sigmoid over all four gates. ``tanh(z) = 2·σ(2z) − 1``: the g columns of the
-    weights are pre-doubled, so one in-place sigmoid covers i, f, o and g (CPU's ``tanh`` costs ~6× a ``sigmoid``
-    per element here, a tenth of the step at hidden 512); the same identity gives ``tanh(c)``. Absolute error
-    ≤ 1e-7 against ``lstm_cell``."""
-    hidden = h.size(1)
-    inp = torch.cat([xt, h], 1)
-    if w_packed is not None:
-        # TorchScript's type of the op's ``Scalar?[]`` argument (a local annotation: never evaluated by Python)
-        no_scalars: List[Optional[number]] = []  # noqa: F821, UP006, UP045
-        z = torch.ops.mkldnn._linear_pointwise(inp, w_packed, b_cat, "none", no_scalars, "")
-    else:
-        z = torch.addmm(b_cat, inp, w_cat)
-    s = z.sigmoid_()  # (n, 4H): σ(i), σ(f), σ(o), σ(2g)
-    tg = s.narrow(1, 3 * hidden, hidden).mul_(2.0).sub_(1.0)  # tanh(g)
-    cn = torch.addcmul(s.narrow(1, hidden, hidden) * c, s.narrow(1, 0, hidden), tg)
-    hn = torch.mul(cn, 2.0).sigmoid_().mul_(2.0).sub_(1.0).mul_(s.narrow(1, 2 * hidden, hidden))  # o · tanh(c)
-    return hn, cn
 
 
 def _execute_rounds(x: torch.Tensor, emb: torch.Tensor | None, w_ih: torch.Tensor, w_hh: torch.Tensor,
@@ -209,18 +168,6 @@ def _execute_loop(x: torch.Tensor, emb: torch.Tensor | None, w_ih: torch.Tensor,
 
 
 _LOOPS = {"rounds": _execute_rounds, "steps": _execute_loop}
-_ONEDNN: dict[str, bool] = {}
-
-
-def _onednn_linear_available() -> bool:
-    """Whether this torch build has oneDNN's packed linear ops (CPU builds with MKLDNN do)."""
-    if "ok" not in _ONEDNN:
-        _ONEDNN["ok"] = bool(torch.backends.mkldnn.is_available()
-                             and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-    return _ONEDNN["ok"]
-
-
 _SCRIPTED: dict[str, object] = {}
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dynaneural.layers import ConvBNAct
+from dynaneural.layers.lstm import LSTMStep
 
 __all__ = ["FrameEncoder", "RecurrentMemory", "StaticRecurrentClassifier", "lstm_step_flops"]
 
@@ -49,13 +50,15 @@ class RecurrentMemory(nn.Module):
     """A one-layer LSTM used two ways with one set of weights.
 
     ``forward(seq)`` runs PyTorch's fused kernel over (B, S, F) and returns every hidden state (B, S, H);
-    ``step(x, (h, c))`` advances only the rows given, with ``torch.lstm_cell`` on the same parameters.
+    ``step(x, (h, c))`` advances only the rows given, on the same parameters: ``torch.lstm_cell`` with autograd,
+    :class:`~dynaneural.layers.lstm.LSTMStep`'s one-GEMM step (cached stacked, packed weights) in inference.
     """
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
         self.lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
         self.input_size, self.hidden_size = input_size, hidden_size
+        self._step = LSTMStep(self.lstm)
 
     @property
     def step_flops(self) -> float:
@@ -70,9 +73,7 @@ class RecurrentMemory(nn.Module):
 
     def step(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One step for the rows of ``x`` (n, F); ``state`` is (h, c), each (n, H)."""
-        lstm = self.lstm
-        h, c = torch.lstm_cell(x, state, lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
-        return h, c
+        return self._step(x, state)
 
 
 class StaticRecurrentClassifier(nn.Module):
