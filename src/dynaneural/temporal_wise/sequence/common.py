@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dynaneural.contract import AllOnFlag, DynamicModel
+from dynaneural.layers.lstm import LSTMStep
 from dynaneural.validation import check_batch, check_token_batch
 
 __all__ = ["CellKind", "RecurrentBackbone", "StaticRecurrentClassifier", "TokenEmbedding", "cell_flops",
@@ -79,6 +80,7 @@ class RecurrentBackbone(nn.Module):
         rnn_cls = nn.LSTM if cell == "lstm" else nn.GRU
         self.rnn = rnn_cls(self.feature_size, hidden_size, batch_first=True)
         self.head = nn.Linear(hidden_size, num_classes)
+        self._lstm_step = LSTMStep(self.rnn) if cell == "lstm" else None
 
     @property
     def step_flops(self) -> int:
@@ -98,10 +100,12 @@ class RecurrentBackbone(nn.Module):
         return r.weight_ih_l0, r.weight_hh_l0, r.bias_ih_l0, r.bias_hh_l0
 
     def step(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One cell step on (n, F) inputs and an (h, c) state of (n, H) each (GRU: c is unused and returned)."""
+        """One cell step on (n, F) inputs and an (h, c) state of (n, H) each (GRU: c is unused and returned).
+        LSTM: :class:`~dynaneural.layers.lstm.LSTMStep` (``torch.lstm_cell`` with autograd, one packed GEMM in
+        inference)."""
         h, c = state
-        if self.cell == "lstm":
-            return torch.lstm_cell(x, (h, c), *self.cell_weights())
+        if self._lstm_step is not None:
+            return self._lstm_step(x, (h, c))
         return torch.gru_cell(x, h, *self.cell_weights()), c
 
     def run_fused(self, feats: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
