@@ -56,7 +56,7 @@ def cmd_bench_temporal_media(args: argparse.Namespace) -> int:
     from dynaneural.bench.rows import format_rows, write_bench_json
 
     columns = ["method", "budget", "batch_size", "accuracy", "static_accuracy", "theoretical_speedup",
-               "realized_speedup", "realized_over_theoretical", "frames_seen_fraction"]
+               "realized_speedup", "realized_over_theoretical", "realized_speedup_stream", "frames_seen_fraction"]
     if not args.seeds:
         rows, meta = runner(recipe, data_dir=args.data_dir, out=out, progress=not args.no_progress)
     else:
@@ -99,7 +99,10 @@ def seed_summary(rows: list[Any]) -> list[dict[str, Any]]:
         a_mean, a_sd = stats([100.0 * r.accuracy for r in rs])
         s_mean, s_sd = stats([r.realized_speedup for r in rs])
         t_mean, _ = stats([r.theoretical_speedup for r in rs])
-        out.append({"method": method, "budget": budget, "batch_size": bs, "seeds": [r.extra.get("seed") for r in rs],
+        streamed = [r.extra["realized_speedup_stream"] for r in rs if "realized_speedup_stream" in r.extra]
+        stream_stats = dict(zip(("realized_speedup_stream_mean", "realized_speedup_stream_std"), stats(streamed),
+                                strict=True)) if streamed else {}
+        out.append({**stream_stats, "method": method, "budget": budget, "batch_size": bs, "seeds": [r.extra.get("seed") for r in rs],
                     "accuracy_mean": a_mean, "accuracy_std": a_sd, "delta_pp": delta, "delta_pp_mean": d_mean,
                     "delta_pp_std": d_sd, "delta_pp_worst": min(delta), "realized_speedup_mean": s_mean,
                     "realized_speedup_std": s_sd, "theoretical_speedup_mean": t_mean})
@@ -112,7 +115,9 @@ def format_seed_summary(summary: list[dict[str, Any]]) -> str:
         lines.append(f"{s['method']:<22} {s['budget']:>6} {s['batch_size']:>6}  {s['accuracy_mean']:6.2f} ± "
                      f"{s['accuracy_std']:4.2f}      {s['delta_pp_mean']:+5.2f} ± {s['delta_pp_std']:4.2f}, "
                      f"{s['delta_pp_worst']:+5.2f}       {s['theoretical_speedup_mean']:5.2f}×  "
-                     f"{s['realized_speedup_mean']:5.2f}× ± {s['realized_speedup_std']:.2f}")
+                     f"{s['realized_speedup_mean']:5.2f}× ± {s['realized_speedup_std']:.2f}"
+                     + (f"  stream {s['realized_speedup_stream_mean']:5.2f}×" if "realized_speedup_stream_mean" in s
+                        else ""))
     return "\n".join(lines)
 
 
@@ -150,7 +155,9 @@ def _accuracy(fn: Any, x: Any, y: Any, batch_size: int = 256) -> tuple[float, An
 
 
 def _row(method: str, model: Any, static: Any, x: Any, y: Any, *, static_acc: float, budget: float,
-         batch_sizes: list[int], bench: Any, extra_fn: Any, calib: Any = None) -> list[Any]:
+         batch_sizes: list[int], bench: Any, extra_fn: Any, calib: Any = None, stream: bool = False) -> list[Any]:
+    """Accuracy, cost and timing rows of a calibrated model. ``stream``: also time it on a stream with continuous
+    batching (``model(x, mode="execute", slots=batch)``; keys ``realized_speedup_stream`` ...)."""
     import torch
 
     from dynaneural.bench.rows import SpeedupRow, time_against_static
@@ -171,6 +178,10 @@ def _row(method: str, model: Any, static: Any, x: Any, y: Any, *, static_acc: fl
             t = time_against_static(timed_static, lambda xb: timed(xb, mode="execute"), x[:n], batch_size=bs,
                                     repeats=bench.repeats)
         theo = static_flops / mean_flops
+        row_extra = dict(extra)
+        if stream and bs > 1:
+            row_extra.update(_time_stream(timed_static, timed, x[:n], batch_size=bs, repeats=bench.repeats))
+            row_extra["realized_over_theoretical_stream"] = row_extra["realized_speedup_stream"] / theo
         rows.append(SpeedupRow(method=method, batch_size=bs, accuracy=acc, mean_flops=mean_flops,
                                static_flops=static_flops, theoretical_speedup=theo,
                                realized_speedup=t["realized_speedup"],
@@ -179,8 +190,25 @@ def _row(method: str, model: Any, static: Any, x: Any, y: Any, *, static_acc: fl
                                dynamic_ms_per_sample=t["dynamic_ms_per_sample"], timed_samples=t["timed_samples"],
                                budget=budget, unit="fraction", achieved_budget=mean_flops / static_flops,
                                budget_error=mean_flops / static_flops - budget if not math.isnan(budget) else math.nan,
-                               static_accuracy=static_acc, extra=dict(extra)))
+                               static_accuracy=static_acc, extra=row_extra))
     return rows
+
+
+def _time_stream(static: Any, model: Any, x: Any, *, batch_size: int, repeats: int) -> dict[str, float]:
+    """Throughput on a stream: the static twin over ``x`` in batches of ``batch_size`` against the dynamic model
+    running all of ``x`` with ``batch_size`` slots (continuous batching), interleaved medians."""
+    import torch
+
+    from dynaneural.bench.timing import compare
+
+    def static_run() -> None:
+        for i in range(0, x.shape[0], batch_size):
+            static(x[i:i + batch_size])
+
+    with torch.inference_mode():
+        cmp = compare(static_run, lambda: model(x, mode="execute", slots=batch_size), repeats=repeats, warmup=2)
+    return {"realized_speedup_stream": cmp.speedup, "stream_ms_per_sample": cmp.candidate_s * 1e3 / x.shape[0],
+            "stream_static_ms_per_sample": cmp.baseline_s * 1e3 / x.shape[0]}
 
 
 def _static_acc(model: Any, x: Any, y: Any) -> tuple[float, Any]:
@@ -248,7 +276,7 @@ def _run_video(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tupl
             continue
         rows += _row(f"adaframe_{ada.stop_rule}", ada, ada_static, te.x, te.y, static_acc=ada_static_acc,
                      budget=float(budget), batch_sizes=recipe.bench.batch_sizes, bench=recipe.bench,
-                     extra_fn=_frames_extra(te))
+                     extra_fn=_frames_extra(te), stream=True)
     res = _accuracy(lambda xb: ada(xb, mode="execute"), te.x[:24], te.y[:24])[1]
     plot_timelines(res["decisions"]["frames"], out / "adaframe_timelines.png", order=res["decisions"]["frame_order"],
                    key=te.key_frames[:24], labels=te.y[:24], preds=res["logits"].argmax(-1),

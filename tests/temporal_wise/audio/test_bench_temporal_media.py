@@ -20,6 +20,16 @@ def test_bench_quick_writes_rows(task, tmp_path, require_fsdd):
     assert row["theoretical_speedup"] > 1.0
 
 
+@pytest.mark.slow
+def test_bench_video_quick_times_the_stream(tmp_path, require_mnist):
+    out = tmp_path / "video.json"
+    assert main(["bench", "temporal-media", "--task", "video", "--quick", "--no-progress", "--no-allocator-tuning",
+                 "--json", str(out), "--out", str(tmp_path / "run")]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    ada = [r for r in rows if r["method"].startswith("adaframe")]
+    assert ada and all(r["realized_speedup_stream"] > 0 and "stream_ms_per_sample" in r for r in ada)
+
+
 @pytest.fixture
 def require_fsdd():
     import os
@@ -62,3 +72,13 @@ def test_seed_summary_statistics():
     assert summary["delta_pp_mean"] == pytest.approx(-1.0) and summary["delta_pp_worst"] == pytest.approx(-3.0)
     assert summary["delta_pp_std"] == pytest.approx(2.0)
     assert summary["realized_speedup_mean"] == pytest.approx(1.6)
+
+
+@pytest.fixture
+def require_mnist():
+    import os
+    from pathlib import Path
+
+    root = Path(os.environ.get("DYNANEURAL_DATA", ""))
+    if not (root / "mnist").is_dir():
+        pytest.skip("MNIST not present")

@@ -88,3 +88,66 @@ def test_invalid_arguments():
         AdaFrame(frames=4, size=16, widths=(4,), max_steps=5)
     with pytest.raises(ValueError, match="stop_rule"):
         AdaFrame(frames=4, size=16, widths=(4,), stop_rule="entropy")  # type: ignore[arg-type]
+
+
+def _varied_stops(stop_rule):
+    """A tiny AdaFrame whose clips stop at different steps (threshold calibrated to 60 % of the static cost)."""
+    m = _model(stop_rule=stop_rule)
+    if stop_rule == "confidence":
+        with torch.no_grad():
+            m.classifier.weight.mul_(10)
+        m.calibrate(m.example_input(64, generator=torch.Generator().manual_seed(123)), budget=0.6)
+    return m
+
+
+@pytest.mark.parametrize("stop_rule", ["utility", "confidence"])
+@pytest.mark.parametrize("slots", [1, 5, 16, 64])
+def test_streamed_execution_gives_each_clip_its_execute_result(stop_rule, slots):
+    m = _varied_stops(stop_rule)
+    x = m.example_input(40, generator=torch.Generator().manual_seed(3))
+    calls = []
+    with torch.inference_mode():
+        ref = m(x, mode="execute")
+        hook = m.encoder.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[0]))
+        got = m(x, mode="execute", slots=slots)
+        hook.remove()
+    assert ref.decisions["exit_step"].unique().numel() > 1  # the clips stop at different steps
+    for key in ("frames", "exit_step", "frame_order"):
+        assert torch.equal(got.decisions[key], ref.decisions[key]), key
+    torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.cost, ref.cost, rtol=1e-12, atol=0)
+    # Every frame looked at is encoded exactly once, never more than `slots` clips at a time.
+    assert sum(calls) == int(ref.decisions["frames"].sum())
+    assert calls[0] == min(slots, 40) and max(calls) <= slots
+
+
+def test_streamed_execution_keeps_the_slots_full():
+    m = _varied_stops("utility")
+    x = m.example_input(40, generator=torch.Generator().manual_seed(4))
+    calls = []
+    hook = m.encoder.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[0]))
+    with torch.inference_mode():
+        m(x, mode="execute", slots=8)
+    hook.remove()
+    # A step runs on fewer than 8 clips only once no clip is left to admit: after the first short step, the
+    # calls only shrink (the stream drains).
+    first_short = next(i for i, n in enumerate(calls) if n < 8)
+    assert all(n == 8 for n in calls[:first_short])
+    assert calls[first_short:] == sorted(calls[first_short:], reverse=True)
+    # Fewer steps than running the 5 batches of 8 one after the other, each until its slowest clip stops.
+    batched = []
+    hook = m.encoder.register_forward_hook(lambda mod, i, o: batched.append(i[0].shape[0]))
+    with torch.inference_mode():
+        for i in range(0, 40, 8):
+            m(x[i:i + 8], mode="execute")
+    hook.remove()
+    assert len(calls) < len(batched) and sum(calls) == sum(batched)
+
+
+def test_streamed_execution_rejects_bad_slots():
+    m = _model()
+    x = m.example_input(4)
+    with pytest.raises(ValueError, match="slots"):
+        m(x, mode="execute", slots=0)
+    with pytest.raises(ValueError, match="execute mode"):
+        m(x, mode="simulate", slots=4)

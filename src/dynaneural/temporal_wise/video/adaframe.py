@@ -218,10 +218,21 @@ class AdaFrame(DynamicModel):
         return StaticRecurrentClassifier(self.encoder, self.memory, self.classifier, steps=self.frames,
                                          step_shape=self.input_shape[1:])
 
-    def forward(self, x: torch.Tensor, *, mode: Mode | str | None = None) -> AdaFrameOutput:
-        """Classify clips (B, T, C, H, W); see the module docstring for the modes."""
+    def forward(self, x: torch.Tensor, *, mode: Mode | str | None = None, slots: int | None = None
+                ) -> AdaFrameOutput:
+        """Classify clips (B, T, C, H, W); see the module docstring for the modes.
+
+        ``slots`` (execute mode only): process ``x`` as a *stream* with at most ``slots`` clips in flight
+        (continuous batching, :meth:`_execute_stream`) instead of as one batch; same per-clip results.
+        """
         mode = resolve_mode(self, mode)
         check_batch(x, input_shape=self.input_shape)
+        if slots is not None:
+            if mode is not Mode.EXECUTE or self._all_on:
+                raise ValueError("slots (streamed execution) applies to execute mode with the policy on only")
+            if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+                raise ValueError(f"slots must be a positive int, got {slots!r}")
+            return self._execute_stream(x, slots)
         if self._all_on and mode is not Mode.TRAIN:
             return self._all_frames(x, mode)
         if mode is Mode.TRAIN:
@@ -338,10 +349,11 @@ class AdaFrame(DynamicModel):
             full = rows.numel() == b
             charge_rows = None if full else rows
             # Gather only the chosen frame of each sample still looking: (n, C, H, W).
-            h, c = self.memory.step(self.encoder(frames.index_select(0, rows * self.frames + nxt)), (h, c))
+            flat = rows * self.frames + nxt  # (sample, frame) as a row of (B·T)
+            h, c = self.memory.step(self.encoder(frames.index_select(0, flat)), (h, c))
             ledger.charge(c_["encoder"] + c_["memory"], charge_rows)
-            order[rows, t] = nxt
-            seen[rows, nxt] = True
+            order.select(1, t).index_copy_(0, rows, nxt)
+            seen.view(-1).index_fill_(0, flat, True)
             if t == k - 1:
                 out.index_copy_(0, rows, self.classifier(h))
                 ledger.charge(c_["classifier"], charge_rows)
@@ -369,6 +381,78 @@ class AdaFrame(DynamicModel):
                     h, c, rows = h.index_select(0, keep), c.index_select(0, keep), rows.index_select(0, keep)
             ledger.charge(c_["policy"], None if rows.numel() == b else rows)
             nxt = self.policy(h).masked_fill(seen.index_select(0, rows), float("-inf")).argmax(-1)
+        return AdaFrameOutput(logits=out, cost=ledger.flops, mode=Mode.EXECUTE,
+                              decisions={"frames": seen, "exit_step": exit_step, "frame_order": order})
+
+    def _execute_stream(self, x: torch.Tensor, slots: int) -> AdaFrameOutput:
+        """Execute over a stream of clips with continuous batching: at most ``slots`` clips are in flight, each at
+        its own step; a clip that stops frees its slot and the next clip of ``x`` takes it at the next step.
+
+        A clip's computation does not depend on the other clips in its batch (the encoder, memory and heads act
+        row by row), so each clip gets exactly what :meth:`_execute` computes for it: the same frames, stop step,
+        prediction (up to float summation order in batched kernels) and cost. What changes is the batching:
+        plain execution of a batch keeps stepping for its slowest clip on an ever smaller sub-batch (every step
+        pays the kernels' per-call floors for a handful of rows), while here every step runs on a full set of
+        ``slots`` rows until the stream drains. This is how a server would run the model on a stream of requests
+        (Orca-style continuous batching, Yu et al., OSDI 2022); throughput, not the latency of one batch, is
+        what it improves.
+        """
+        n, k, frames_per_clip = x.shape[0], self.max_steps, self.frames
+        dev = x.device
+        thr = float(self.stop_threshold)
+        stopping = self.stopping_enabled
+        frames = x.reshape(n * frames_per_clip, *x.shape[2:])
+        seen = torch.zeros(n, frames_per_clip, dtype=torch.bool, device=dev)
+        order = torch.full((n, k), -1, dtype=torch.long, device=dev)
+        exit_step = torch.full((n,), k - 1, dtype=torch.long, device=dev)
+        out = x.new_empty(n, self.num_classes)
+        # Per-slot state: the clip it holds, its step, next frame, memory.
+        idx = torch.zeros(0, dtype=torch.long, device=dev)
+        step = torch.zeros(0, dtype=torch.long, device=dev)
+        nxt = torch.zeros(0, dtype=torch.long, device=dev)
+        h, c = self.memory.zeros(0, x)
+        admitted = 0
+        while admitted < n or idx.numel():
+            free = min(slots - idx.numel(), n - admitted)
+            if free > 0:  # new clips take the free slots, at their first step
+                new = torch.arange(admitted, admitted + free, device=dev)
+                h0, c0 = self.memory.zeros(free, x)
+                idx, step = torch.cat([idx, new]), torch.cat([step, torch.zeros_like(new)])
+                nxt = torch.cat([nxt, torch.full_like(new, self.start_frame)])
+                h, c = torch.cat([h, h0]), torch.cat([c, c0])
+                admitted += free
+            flat = idx * frames_per_clip + nxt
+            h, c = self.memory.step(self.encoder(frames.index_select(0, flat)), (h, c))
+            order.view(-1).index_copy_(0, idx * k + step, nxt)
+            seen.view(-1).index_fill_(0, flat, True)
+            last = step == k - 1
+            done = last
+            z: torch.Tensor | None = None
+            if stopping:
+                may = (step >= self.min_steps - 1) & ~last
+                if self.stop_rule == "confidence":
+                    z = self.classifier(h)  # the decision head, and the output of the rows that stop
+                    score = self._stop_score(h, z)
+                else:
+                    rows = may.nonzero().squeeze(1)  # the utility is computed where a decision is taken only
+                    score = torch.full_like(h[:, 0], float("-inf")).index_copy_(
+                        0, rows, self._stop_score(h.index_select(0, rows), None))
+                done = last | (may & (score >= thr))
+            fin = done.nonzero().squeeze(1)
+            if fin.numel():  # one host sync per step
+                dest = idx.index_select(0, fin)
+                out.index_copy_(0, dest, z.index_select(0, fin) if z is not None
+                                else self.classifier(h.index_select(0, fin)))
+                exit_step.index_copy_(0, dest, step.index_select(0, fin))
+                keep = (~done).nonzero().squeeze(1)
+                idx, step, h, c = (t.index_select(0, keep) for t in (idx, step, h, c))
+                if not idx.numel():
+                    nxt = idx
+                    continue
+            nxt = self.policy(h).masked_fill(seen.index_select(0, idx), float("-inf")).argmax(-1)
+            step = step + 1
+        ledger = CostLedger.zeros(n, device=dev)
+        ledger.charge(self.path_costs().to(dev)[exit_step])  # each clip's analytic path cost: what it ran
         return AdaFrameOutput(logits=out, cost=ledger.flops, mode=Mode.EXECUTE,
                               decisions={"frames": seen, "exit_step": exit_step, "frame_order": order})
 
