@@ -36,6 +36,8 @@ def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
     p.add_argument("--json", default=None, help="write the rows here (default benchmarks/temporal_media_<task>.json)")
     p.add_argument("--out", default=None, help="run folder for pictures and the trainings' checkpoints, which a "
                    "re-run with the same settings reuses (default runs/bench-<recipe>)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the timing (training uses the recipe's "
+                   "num_threads)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="train and measure once per training seed (model init, data order, sampling); the data "
                         "split stays fixed. Rows carry their seed; a per-budget mean and spread is printed")
@@ -51,6 +53,9 @@ def cmd_bench_temporal_media(args: argparse.Namespace) -> int:
     args.recipe = args.recipe or f"temporal_media_{args.task}"
     recipe = _recipe(args)
     out = Path(args.out or f"runs/bench-{recipe.name}")
+    import torch
+
+    torch.set_num_threads(args.threads)  # the trainer sets the recipe's count while training and restores this one
     t0 = time.perf_counter()
     runner = {"video": _run_video, "audio": _run_audio, "fusion": _run_fusion}[args.task]
     from dynaneural.bench.rows import format_rows, write_bench_json
