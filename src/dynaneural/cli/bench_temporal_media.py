@@ -246,7 +246,8 @@ def _run_video(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tupl
     # 1. Early exit over frames (also the warm start of AdaFrame).
     fe_name = opt.get("frame_exit_model", "frame_exit_moving_digits")
     fe = dn.create_model(fe_name, **kw)
-    fe_key = (fe_name, kw, recipe.train, recipe.data, opt)
+    # What determines the frame-exit training (not AdaFrame's own settings, so that changing those reuses it).
+    fe_key = (fe_name, kw, recipe.train, recipe.data, {k: v for k, v in opt.items() if k != "adaframe_train"})
     meta["frame_exit_train_s"] = _train(fe, recipe, tr.x, tr.y, va.x, va.y, loss_fn=fe.training_loss,
                                         progress=progress, cache=training_dir(out, "frame_exit", *fe_key))
     static_acc, static = _static_acc(fe, te.x, te.y)
