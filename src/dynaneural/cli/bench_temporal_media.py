@@ -107,8 +107,8 @@ def seed_summary(rows: list[Any]) -> list[dict[str, Any]]:
         streamed = [r.extra["realized_speedup_stream"] for r in rs if "realized_speedup_stream" in r.extra]
         stream_stats = dict(zip(("realized_speedup_stream_mean", "realized_speedup_stream_std"), stats(streamed),
                                 strict=True)) if streamed else {}
-        out.append({**stream_stats, "method": method, "budget": budget, "batch_size": bs, "seeds": [r.extra.get("seed") for r in rs],
-                    "accuracy_mean": a_mean, "accuracy_std": a_sd, "delta_pp": delta, "delta_pp_mean": d_mean,
+        out.append({**stream_stats, "method": method, "budget": budget, "batch_size": bs,
+                    "seeds": [r.extra.get("seed") for r in rs], "accuracy_mean": a_mean, "accuracy_std": a_sd, "delta_pp": delta, "delta_pp_mean": d_mean,
                     "delta_pp_std": d_sd, "delta_pp_worst": min(delta), "realized_speedup_mean": s_mean,
                     "realized_speedup_std": s_sd, "theoretical_speedup_mean": t_mean})
     return out
