@@ -85,11 +85,11 @@ def test_cli_parses_tasks():
 
 def test_kernel_rows_time_the_skip_lstm_step_kernels():
     from dynaneural.cli.bench_temporal import kernel_rows
-    from dynaneural.temporal_wise.sequence.skip_rnn import _onednn_linear_available
+    from dynaneural.layers.lstm import onednn_linear_available
 
     rows = kernel_rows(hidden=8, feat=4, rows=(4, 8), repeats=1)
     assert [r["rows"] for r in rows] == [4, 8]
     for r in rows:
         assert r["tanh_us"] > 0 and r["sigmoid_us"] > 0 and r["tanh_over_sigmoid_time"] > 0
-        if _onednn_linear_available():
+        if onednn_linear_available():
             assert r["packed_gmacs"] > 0 and r["addmm_gmacs"] > 0

@@ -164,9 +164,9 @@ def test_execute_loops_compile_with_torchscript(schedule):
 
 def test_packed_onednn_gemm_matches_addmm():
     """The oneDNN packed-weight GEMM (CPU float32) and addmm give the same decisions and states."""
-    from dynaneural.temporal_wise.sequence.skip_rnn import _onednn_linear_available
+    from dynaneural.layers.lstm import onednn_linear_available
 
-    if not _onednn_linear_available():
+    if not onednn_linear_available():
         pytest.skip("this torch build has no oneDNN linear ops")
     model = SkipRNN(SkipRNNConfig(input_size=12, hidden_size=32, num_classes=3, max_len=20)).eval()
     with torch.no_grad():
@@ -192,9 +192,9 @@ def test_execute_with_grad_mode_on_runs_without_the_packed_op():
     assert torch.is_grad_enabled() and not model._use_packed_gemm()
     out = model(x, mode="execute")
     with torch.inference_mode():
-        from dynaneural.temporal_wise.sequence.skip_rnn import _onednn_linear_available
+        from dynaneural.layers.lstm import onednn_linear_available
 
-        assert model._use_packed_gemm() == _onednn_linear_available()
+        assert model._use_packed_gemm() == onednn_linear_available()
         again = model(x, mode="execute")
     torch.testing.assert_close(again.logits, out.logits.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again.decisions["updates"], out.decisions["updates"])

@@ -52,10 +52,7 @@ from torch import nn
 from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import resolve_mode
 from dynaneural.execution import Mode
-from dynaneural.layers.lstm import cat_lstm_weights as _cat_weights
-from dynaneural.layers.lstm import lstm_rows as _lstm_rows
-from dynaneural.layers.lstm import onednn_linear_available as _onednn_linear_available
-from dynaneural.layers.lstm import pack_linear_weight as _pack_weight
+from dynaneural.layers.lstm import cat_lstm_weights, lstm_rows, onednn_linear_available, pack_linear_weight
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies import BudgetLoss, straight_through
 from dynaneural.registry import register_model
@@ -91,8 +88,8 @@ def _execute_rounds(x: torch.Tensor, emb: torch.Tensor | None, w_ih: torch.Tenso
     first rounds). The arithmetic of each row is exactly the step-synchronous loop's.
     """
     b, steps = x.size(0), x.size(1)
-    w_cat, b_cat = _cat_weights(w_ih, w_hh, b_ih, b_hh, lstm)
-    w_packed = _pack_weight(w_cat, pack and lstm)
+    w_cat, b_cat = cat_lstm_weights(w_ih, w_hh, b_ih, b_hh, lstm)
+    w_packed = pack_linear_weight(w_cat, pack and lstm)
     hidden = w_hh.size(1)
     h = torch.zeros(b, hidden, dtype=w_hh.dtype, device=w_hh.device)
     c = torch.zeros_like(h)
@@ -108,7 +105,7 @@ def _execute_rounds(x: torch.Tensor, emb: torch.Tensor | None, w_ih: torch.Tenso
             xt = F.embedding(xt, emb)
         hr = h if full else h.index_select(0, rows)
         if lstm:
-            hn, cn = _lstm_rows(xt, hr, c if full else c.index_select(0, rows), w_cat, b_cat, w_packed)
+            hn, cn = lstm_rows(xt, hr, c if full else c.index_select(0, rows), w_cat, b_cat, w_packed)
             c.index_copy_(0, rows, cn)
             g = cn  # the paper's LSTM gate reads the cell state
         else:
@@ -133,12 +130,12 @@ def _execute_loop(x: torch.Tensor, emb: torch.Tensor | None, w_ih: torch.Tensor,
     (B, H) and updates (B, T) bool.
 
     Written in the TorchScript subset (it is compiled once per process by :func:`_scripted_loop`). The LSTM step
-    is :func:`_lstm_rows` on the rows due at the current step.
+    is :func:`~dynaneural.layers.lstm.lstm_rows` on the rows due at the current step.
     """
     b, steps = x.size(0), x.size(1)
     hidden = w_hh.size(1)
-    w_cat, b_cat = _cat_weights(w_ih, w_hh, b_ih, b_hh, lstm)
-    w_packed = _pack_weight(w_cat, pack and lstm)
+    w_cat, b_cat = cat_lstm_weights(w_ih, w_hh, b_ih, b_hh, lstm)
+    w_packed = pack_linear_weight(w_cat, pack and lstm)
     h = torch.zeros(b, hidden, dtype=w_hh.dtype, device=w_hh.device)
     c = torch.zeros_like(h)
     next_step = torch.zeros(b, dtype=torch.long, device=w_hh.device)
@@ -150,7 +147,7 @@ def _execute_loop(x: torch.Tensor, emb: torch.Tensor | None, w_ih: torch.Tensor,
         if emb is not None:
             xt = F.embedding(xt, emb)
         if lstm:
-            hn, cn = _lstm_rows(xt, h.index_select(0, rows), c.index_select(0, rows), w_cat, b_cat, w_packed)
+            hn, cn = lstm_rows(xt, h.index_select(0, rows), c.index_select(0, rows), w_cat, b_cat, w_packed)
             c.index_copy_(0, rows, cn)
             g = cn  # the paper's LSTM gate reads the cell state
         else:
@@ -255,7 +252,7 @@ class SkipRNN(SequenceModel):
 
     def _use_packed_gemm(self) -> bool:
         """The packed oneDNN op has no autograd formula: used for inference only (no_grad / inference_mode)."""
-        return self.pack and not torch.is_grad_enabled() and _onednn_linear_available()
+        return self.pack and not torch.is_grad_enabled() and onednn_linear_available()
 
     # ------------------------------------------------------------------------------------------- contract
     def set_threshold(self, threshold: float) -> None:

@@ -26,7 +26,9 @@ Modes (see :mod:`dynaneural.execution`):
 * simulate — every frame of every sample is encoded (full computation), then the greedy trajectory is followed
   from the precomputed features for ``max_steps`` steps and each sample's stop step applied as a mask;
 * execute — step by step: only the samples still looking have their chosen frame gathered (``x[rows, frame]``),
-  encoded and fed to the memory; samples that stop leave the batch; unseen frames are never encoded.
+  encoded and fed to the memory; samples that stop leave the batch; unseen frames are never encoded. With
+  ``slots=n`` a whole stream of clips runs with continuous batching (:meth:`AdaFrame._execute_stream`): a clip
+  that stops hands its slot to the next one, so the steps stay full instead of shrinking with the batch.
 
 ``all_on()`` looks at every frame in order with no policy and no stop: the static twin (per-frame CNN over all
 frames, fused LSTM, classifier), same weights and cost.
