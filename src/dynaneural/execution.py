@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["Mode", "group_rows", "rows_where", "run_rows", "scatter_exits", "tree_index_select", "tree_map"]
+__all__ = ["Mode", "check_slots", "group_rows", "rows_where", "run_rows", "scatter_exits", "tree_cat",
+           "tree_index_select", "tree_map"]
 
 
 class Mode(str, Enum):
@@ -55,6 +56,26 @@ def tree_map(fn: Any, tree: T) -> T:
 def tree_index_select(tree: T, index: torch.Tensor) -> T:
     """Keep the rows ``index`` (dim 0) of every tensor in a nested state: the compaction step."""
     return tree_map(lambda t: t.index_select(0, index), tree)
+
+
+def tree_cat(first: T, second: T) -> T:
+    """Concatenate (dim 0) two nested states of the same structure: new rows joining a batch in flight."""
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, second])  # type: ignore[return-value]
+    if isinstance(first, (list, tuple)):
+        return type(first)(tree_cat(a, b) for a, b in zip(first, second, strict=True))  # type: ignore[return-value]
+    if isinstance(first, dict):
+        if first.keys() != second.keys():  # type: ignore[attr-defined]
+            raise ValueError(f"states differ in keys: {sorted(first)} vs {sorted(second)}")  # type: ignore[arg-type]
+        return {k: tree_cat(v, second[k]) for k, v in first.items()}  # type: ignore[return-value, index]
+    return first
+
+
+def check_slots(slots: object) -> int:
+    """Validate the ``slots`` of a streamed execution (continuous batching): a positive int."""
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise ValueError(f"slots must be a positive int, got {slots!r}")
+    return slots
 
 
 def rows_where(active: torch.Tensor) -> torch.Tensor:

@@ -259,7 +259,7 @@ def _run_video(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tupl
             print(f"frame_exit: budget {budget} not reachable: {e}")
             continue
         rows += _row("frame_exit", fe, static, te.x, te.y, static_acc=static_acc, budget=float(budget),
-                     batch_sizes=recipe.bench.batch_sizes, bench=recipe.bench, extra_fn=_frames_extra(te))
+                     batch_sizes=recipe.bench.batch_sizes, bench=recipe.bench, extra_fn=_frames_extra(te), stream=True)
     res = _accuracy(lambda xb: fe(xb, mode="execute"), te.x[:24], te.y[:24])[1]
     plot_timelines(res["decisions"]["frames"], out / "frame_exit_timelines.png", key=te.key_frames[:24],
                    labels=te.y[:24], preds=res["logits"].argmax(-1), title="early exit over frames (in order)")
@@ -338,7 +338,7 @@ def _run_audio(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tupl
             print(f"audio_exit: budget {budget} not reachable: {e}")
             continue
         rows += _row("audio_exit", model, static, d.test_x, d.test_y, static_acc=static_acc, budget=float(budget),
-                     batch_sizes=recipe.bench.batch_sizes, bench=recipe.bench, extra_fn=extra)
+                     batch_sizes=recipe.bench.batch_sizes, bench=recipe.bench, extra_fn=extra, stream=True)
     res = _accuracy(lambda xb: model(xb, mode="execute"), d.test_x[::12], d.test_y[::12])[1]
     plot_timelines(res["decisions"]["frames"], out / "audio_exit_timelines.png", labels=d.test_y[::12],
                    preds=res["logits"].argmax(-1), step_name="50 ms chunk",

@@ -103,3 +103,76 @@ def test_bad_configuration_is_rejected():
                              chunk=2)
     with pytest.raises(ValueError, match="learned"):
         dn.create_model("test_frame_exit", exit_rule="learned", exit_threshold=0.5)
+
+
+def _varied(name, exit_rule, min_steps):
+    """A tiny model whose samples exit at different steps, at or after ``min_steps``."""
+    m = dn.create_model(name, exit_rule=exit_rule, exit_threshold=0.5).eval()
+    m.min_steps = min_steps
+    with torch.no_grad():
+        m.classifier.weight.mul_(8.0)
+    m.calibrate(m.example_input(64, generator=torch.Generator().manual_seed(123)), budget=0.7)
+    return m
+
+
+@pytest.mark.parametrize("name", ["test_frame_exit", "test_audio_exit"])
+@pytest.mark.parametrize(("exit_rule", "min_steps"), [("confidence", 1), ("entropy", 2), ("patience", 2)])
+@pytest.mark.parametrize("slots", [1, 5, 64])
+def test_streamed_execution_gives_each_sequence_its_execute_result(name, exit_rule, min_steps, slots):
+    m = _varied(name, exit_rule, min_steps)
+    x = m.example_input(40, generator=torch.Generator().manual_seed(3))
+    calls = []
+    with torch.inference_mode():
+        ref = m(x, mode="execute")
+        sim = m(x, mode="simulate")
+        hook = m.encoder.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[0]))
+        got = m(x, mode="execute", slots=slots)
+        hook.remove()
+    steps = ref.decisions["exit_step"]
+    assert steps.unique().numel() > 1 and int(steps.min()) >= min_steps - 1
+    assert torch.equal(sim.decisions["exit_step"], steps)
+    for key in ("exit_step", "frames"):
+        assert torch.equal(got.decisions[key], ref.decisions[key]), key
+    torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.cost, ref.cost, rtol=1e-12, atol=0)
+    # Every step read is encoded exactly once, never more than `slots` sequences at a time.
+    assert sum(calls) == int(ref.decisions["frames"].sum())
+    assert calls[0] == min(slots, 40) and max(calls) <= slots
+
+
+def test_streamed_execution_keeps_the_rows_full_and_skips_the_classifier_before_min_steps():
+    m = _varied("test_audio_exit", "confidence", 2)
+    x = m.example_input(40, generator=torch.Generator().manual_seed(4))
+    enc, cls = [], []
+    hooks = [m.encoder.register_forward_hook(lambda mod, i, o: enc.append(i[0].shape[0])),
+             m.classifier.register_forward_hook(lambda mod, i, o: cls.append(i[0].shape[0]))]
+    with torch.inference_mode():
+        out = m(x, mode="execute", slots=8)
+    for hk in hooks:
+        hk.remove()
+    first_short = next(i for i, n in enumerate(enc) if n < 8)
+    assert all(n == 8 for n in enc[:first_short])  # full until no sequence is left to admit
+    assert enc[first_short:] == sorted(enc[first_short:], reverse=True)  # then the stream drains
+    # The classifier runs only on rows at or past their second step: once per such (sequence, step).
+    steps = out.decisions["exit_step"]
+    assert sum(cls) == int(steps.sum()) and len(cls) == len(enc) - 1
+
+
+def test_streamed_execution_with_exits_disabled_reads_everything():
+    m = _model()
+    x = m.example_input(10, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode(), m.all_on():
+        got, ref = m(x, mode="execute", slots=4), m.to_static()(x)
+    assert got.decisions["exit_step"].eq(m.num_steps - 1).all()
+    torch.testing.assert_close(got.logits, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.cost, torch.full_like(got.cost, m.static_cost), rtol=1e-12, atol=0)
+
+
+def test_streamed_execution_rejects_bad_slots():
+    m = _model()
+    x = m.example_input(4)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="slots"):
+            m(x, mode="execute", slots=bad)
+    with pytest.raises(ValueError, match="execute mode"):
+        m(x, mode="simulate", slots=4)

@@ -49,7 +49,7 @@ from dynaneural.calibration.thresholds import KnobCalibration, calibrate_knob
 from dynaneural.compute.flops import static_flops
 from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import DynamicModel, resolve_mode
-from dynaneural.execution import Mode
+from dynaneural.execution import Mode, check_slots
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies.reinforce import PolicySample, ReinforceLoss, sample_categorical
 from dynaneural.registry import register_model
@@ -232,9 +232,7 @@ class AdaFrame(DynamicModel):
         if slots is not None:
             if mode is not Mode.EXECUTE or self._all_on:
                 raise ValueError("slots (streamed execution) applies to execute mode with the policy on only")
-            if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-                raise ValueError(f"slots must be a positive int, got {slots!r}")
-            return self._execute_stream(x, slots)
+            return self._execute_stream(x, check_slots(slots))
         if self._all_on and mode is not Mode.TRAIN:
             return self._all_frames(x, mode)
         if mode is Mode.TRAIN:
