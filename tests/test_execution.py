@@ -54,3 +54,25 @@ def test_group_rows_partitions_in_stable_order():
     assert [g.tolist() for g in groups] == [[1, 4], [3], [0, 2, 5], []]
     with pytest.raises(ValueError):
         group_rows(keys, 2)
+
+
+def test_tree_cat_and_slice_keep_the_structure():
+    from dynaneural.execution import tree_cat, tree_slice
+
+    a = {"h": [torch.zeros(2, 3), torch.ones(2)], "n": 3}
+    b = {"h": [torch.ones(1, 3), torch.zeros(1)], "n": 3}
+    c = tree_cat(a, b)
+    assert c["h"][0].shape == (3, 3) and c["h"][1].tolist() == [1, 1, 0] and c["n"] == 3
+    tail = tree_slice(c, 1)
+    assert tail["h"][0].shape == (2, 3) and tail["h"][1].tolist() == [1, 0]
+    with pytest.raises(ValueError, match="keys"):
+        tree_cat({"a": torch.zeros(1)}, {"b": torch.zeros(1)})
+
+
+def test_check_slots_rejects_non_positive_and_non_int():
+    from dynaneural.execution import check_slots
+
+    assert check_slots(3) == 3
+    for bad in (0, -2, 2.5, True, "4", None):
+        with pytest.raises(ValueError, match="slots"):
+            check_slots(bad)

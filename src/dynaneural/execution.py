@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 
 __all__ = ["Mode", "check_slots", "group_rows", "rows_where", "run_rows", "scatter_exits", "tree_cat",
-           "tree_index_select", "tree_map"]
+           "tree_index_select", "tree_map", "tree_slice"]
 
 
 class Mode(str, Enum):
@@ -56,6 +56,11 @@ def tree_map(fn: Any, tree: T) -> T:
 def tree_index_select(tree: T, index: torch.Tensor) -> T:
     """Keep the rows ``index`` (dim 0) of every tensor in a nested state: the compaction step."""
     return tree_map(lambda t: t.index_select(0, index), tree)
+
+
+def tree_slice(tree: T, start: int | None = None, stop: int | None = None) -> T:
+    """Rows ``start:stop`` (dim 0, views) of every tensor in a nested state."""
+    return tree_map(lambda t: t[start:stop], tree)
 
 
 def tree_cat(first: T, second: T) -> T:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from dynaneural.compute.flops import count_flops
 from dynaneural.registry import create_model
-from dynaneural.sample_wise.early_exit import cascade, msdnet, sdn_resnet  # noqa: F401  (registers the models)
+from dynaneural.sample_wise.early_exit import cascade, exit_convnet, msdnet, sdn_resnet  # noqa: F401  (registers the models)
 from dynaneural.sample_wise.early_exit.multi_exit import MultiExitNetwork
 
 MODELS = ["test_msdnet", "test_sdn_resnet", "test_cascade"]
@@ -54,6 +54,13 @@ def _spread_thresholds(model: MultiExitNetwork, x: torch.Tensor, rule: str, seed
     return thr
 
 
+def _rows(state: object) -> int:
+    """Rows of a stage's output: a tensor, or a list of tensors (MSDNet's scales)."""
+    while not isinstance(state, torch.Tensor):
+        state = state[-1]  # type: ignore[index]
+    return state.shape[0]
+
+
 def _settings(name: str, rule: str) -> tuple[MultiExitNetwork, torch.Tensor, torch.Tensor]:
     model = _build(name, exit_policy=rule == "learned")
     x = _batch(model)
@@ -86,6 +93,57 @@ def test_simulate_matches_execute(name: str, rule: str) -> None:
     torch.testing.assert_close(exe.exit_index, sim.exit_index, rtol=0, atol=0)
     torch.testing.assert_close(exe.cost, sim.cost, rtol=0, atol=0)
     torch.testing.assert_close(exe.logits, sim.logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("slots", [1, 7, 64])
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("name", [*MODELS, "test_exit_convnet"])
+def test_streamed_execution_matches_execute(name: str, rule: str, slots: int) -> None:
+    model, x, thr = _settings(name, rule)
+    calls: list[int] = []
+    hook = model.stages[-1].register_forward_hook(lambda mod, i, o: calls.append(_rows(o)))
+    with torch.no_grad():
+        exe = model(x, mode="execute", rule=rule, thresholds=thr)
+        calls.clear()
+        got = model(x, mode="execute", rule=rule, thresholds=thr, slots=slots)
+    hook.remove()
+    torch.testing.assert_close(got.exit_index, exe.exit_index, rtol=0, atol=0)
+    torch.testing.assert_close(got.cost, exe.cost, rtol=0, atol=0)
+    torch.testing.assert_close(got.logits, exe.logits, rtol=0, atol=1e-5)
+    # The last stage ran each input that reached it once, in sub-batches of at most `slots`, all full but the last.
+    reached = int((exe.exit_index == model.num_exits - 1).sum())
+    assert sum(calls) == reached and all(c <= slots for c in calls)
+    assert all(c == slots for c in calls[:-1])
+
+
+def test_streamed_execution_queues_rows_until_a_full_batch() -> None:
+    """A stream of 5 batches: plain execution runs the last stage once per batch on its few survivors; streamed
+    execution queues them and runs the last stage on full batches."""
+    model, x, thr = _settings("test_sdn_resnet", "confidence")
+    x = x.repeat(5, 1, 1, 1)
+    plain: list[int] = []
+    streamed: list[int] = []
+    hook = model.stages[-1].register_forward_hook(lambda mod, i, o: plain.append(_rows(o)))
+    with torch.no_grad():
+        for i in range(0, len(x), 48):
+            model(x[i:i + 48], mode="execute", thresholds=thr)
+        hook.remove()
+        hook = model.stages[-1].register_forward_hook(lambda mod, i, o: streamed.append(_rows(o)))
+        model(x, mode="execute", thresholds=thr, slots=48)
+    hook.remove()
+    assert sum(plain) == sum(streamed) and len(streamed) < len(plain)
+    assert all(c == 48 for c in streamed[:-1]) and max(plain) < 48
+
+
+def test_streamed_execution_rejects_what_it_cannot_do() -> None:
+    model, x, thr = _settings("test_msdnet", "confidence")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="slots"):
+            model(x, mode="execute", slots=bad)
+    with pytest.raises(ValueError, match="execute mode"):
+        model(x, mode="simulate", slots=4)
+    with pytest.raises(ValueError, match="max_seconds"):
+        model(x, mode="execute", slots=4, max_seconds=1.0)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -12,6 +12,9 @@ Modes (see :mod:`dynaneural.execution`):
 * execute — stage by stage on a shrinking batch: after each enabled exit the samples that stop have their
   logits scattered into the output, and only the others are gathered (``index_select``) and passed on. The
   later stages never see the samples that left. Costs are charged to the ledger for exactly the rows run.
+  With ``slots=n`` a whole stream of inputs runs through per-exit queues instead
+  (:meth:`MultiExitNetwork._execute_stream`): each segment of stages runs on ``n`` queued rows at a time, so the
+  deep stages see full batches instead of the few survivors of one batch; each input gets the same result.
 
 An exit whose threshold is ``+inf`` is *disabled*: it never fires, so its classifier is not even evaluated
 (in every mode's cost accounting and in execute mode's computation). With every intermediate exit disabled the
@@ -32,7 +35,7 @@ from torch import nn
 from dynaneural.compute.flops import static_flops
 from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import DynamicModel
-from dynaneural.execution import Mode, scatter_exits, tree_index_select
+from dynaneural.execution import Mode, check_slots, scatter_exits, tree_cat, tree_index_select, tree_slice
 from dynaneural.outputs import EarlyExitOutput
 from dynaneural.policies.exit_rules import ExitPolicyHead, ExitRule, create_exit_rule
 from dynaneural.validation import check_batch
@@ -234,8 +237,8 @@ class MultiExitNetwork(DynamicModel):
     # --------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *, mode: Mode | str | None = None, rule: str | ExitRule | None = None,
                 thresholds: Sequence[float] | torch.Tensor | None = None, max_flops: float | None = None,
-                max_seconds: float | None = None, validate: bool = True, track_parts: bool = False
-                ) -> EarlyExitOutput:
+                max_seconds: float | None = None, validate: bool = True, track_parts: bool = False,
+                slots: int | None = None) -> EarlyExitOutput:
         """Classify a batch.
 
         Args:
@@ -249,6 +252,8 @@ class MultiExitNetwork(DynamicModel):
                 running leave at the next exit (disabled ones included). Non-deterministic by nature.
             validate: check shape, dtype, emptiness and finiteness of ``x`` first.
             track_parts: also return per-sample cost by part (stage/exit) — for ledgers and plots.
+            slots: execute mode only: run ``x`` as a stream through per-exit queues, each segment of stages on
+                ``slots`` rows at a time (:meth:`_execute_stream`); same per-input results as one execute call.
         """
         mode = Mode.parse(mode) if mode is not None else (Mode.TRAIN if self.training else Mode.EXECUTE)
         if validate:
@@ -269,6 +274,12 @@ class MultiExitNetwork(DynamicModel):
             if max_flops is not None:
                 thr = self._apply_deadline(thr, profile, float(max_flops), rule_obj.needs_policy)
             plan = _ExitPlan.of(thr)
+        if slots is not None:
+            if mode is not Mode.EXECUTE:
+                raise ValueError("slots (streamed execution) applies to execute mode only")
+            if max_seconds is not None or track_parts:
+                raise ValueError("streamed execution (slots) supports neither max_seconds nor track_parts")
+            return self._execute_stream(x, rule_obj, plan, profile, check_slots(slots))
         if mode is Mode.EXECUTE:
             if max_seconds is not None and max_seconds <= 0:
                 raise ValueError("max_seconds must be positive")
@@ -427,3 +438,90 @@ class MultiExitNetwork(DynamicModel):
         assert logits_out is not None and exit_index is not None
         return EarlyExitOutput(logits=logits_out, cost=ledger.flops, decisions={"exit": exit_index},
                                mode=Mode.EXECUTE, cost_by_part=ledger.by_part, reached_scores=reached)
+
+    def _execute_stream(self, x: torch.Tensor, rule: ExitRule, plan: _ExitPlan, profile: ExitCostProfile,
+                        slots: int) -> EarlyExitOutput:
+        """Execute a stream of inputs through per-exit queues (stage-level continuous batching).
+
+        The stages between two enabled exits form a *segment*. Each segment has a queue of rows waiting for it:
+        their index in ``x``, their state after the previous segment and their exit-rule state. The scheduler runs
+        the deepest segment whose queue holds ``slots`` rows, on exactly ``slots`` of them; when none does, the
+        next ``slots`` inputs are admitted to the first queue; once the input is exhausted the queues are flushed
+        from the shallowest on (partial batches). After a segment, its exit classifier scores the rows: those that
+        stop are written to the output, the others join the next queue.
+
+        Plain execution of one batch runs the deep stages on the few survivors of that batch (after the first
+        exit of a good early-exit network, 10-20 % of it), paying the kernels' per-call floor on tiny
+        sub-batches; here every segment runs on ``slots`` rows until the stream drains. Each row's computation
+        does not depend on the other rows (eval-mode layers), so every input gets what :meth:`_execute` computes
+        for it: same exit, logits (up to float summation order in batched kernels) and cost. This raises
+        throughput on a stream (Orca-style continuous batching, Yu et al., OSDI 2022, applied per stage), not the
+        latency of one batch.
+        """
+        n, dev = x.shape[0], x.device
+        exits = [k for k in range(self.num_exits) if plan.enabled_list[k]]  # one segment per enabled exit
+        first_stage = [0] + [self.exit_stage[k] + 1 for k in exits[:-1]]
+        segments = [range(a, self.exit_stage[k] + 1) for a, k in zip(first_stage, exits, strict=True)]
+        with_policy = rule.needs_policy
+        queues: list[list[tuple[torch.Tensor, Any, Any]]] = [[] for _ in exits]  # chunks of (rows, h, rule state)
+        counts = [0] * len(exits)
+        out: torch.Tensor | None = None
+        exit_index = torch.full((n,), plan.last, dtype=torch.long, device=dev)
+        admitted = 0
+
+        def pop(j: int) -> tuple[torch.Tensor, Any, Any]:
+            chunks, taken, need = queues[j], [], slots
+            while need > 0 and chunks:
+                rows, h, st = chunks.pop(0)
+                if rows.numel() > need:  # split the chunk: the rest stays at the head of the queue
+                    chunks.insert(0, (rows[need:], tree_slice(h, need), tree_slice(st, need)))
+                    rows, h, st = rows[:need], tree_slice(h, None, need), tree_slice(st, None, need)
+                taken.append((rows, h, st))
+                need -= rows.numel()
+            counts[j] -= slots - need
+            rows, h, st = taken[0]
+            for r, hh, ss in taken[1:]:
+                rows, h, st = torch.cat([rows, r]), tree_cat(h, hh), tree_cat(st, ss)
+            return rows, h, st
+
+        while True:
+            j = next((j for j in reversed(range(len(exits))) if counts[j] >= slots), None)
+            if j is None and admitted < n:  # admit the next inputs at the first segment
+                take = min(slots, n - admitted)
+                queues[0].append((torch.arange(admitted, admitted + take, device=dev), x[admitted:admitted + take],
+                                  rule.init_state(take, dev)))
+                counts[0] += take
+                admitted += take
+                continue
+            if j is None:  # input exhausted: flush the shallowest non-empty queue
+                j = next((j for j in range(len(exits)) if counts[j]), None)
+                if j is None:
+                    break
+            rows, h, st = pop(j)
+            for s in segments[j]:
+                h = self.stages[s](h)
+            k = exits[j]
+            logits = self.heads[k](h)
+            if out is None:
+                out = logits.new_empty((n, logits.shape[-1]))
+            if k == plan.last:
+                out.index_copy_(0, rows, logits)
+                exit_index.index_fill_(0, rows, k)
+                continue
+            pl = self._policy_logit(k, logits) if with_policy else None
+            score, st = rule.score(logits, st, policy_logit=pl)
+            stop = score >= plan.thr_list[k]
+            fin = stop.nonzero().squeeze(1)  # the one host sync per segment run
+            if fin.numel():
+                dest = rows.index_select(0, fin)
+                out.index_copy_(0, dest, logits.index_select(0, fin))
+                exit_index.index_fill_(0, dest, k)
+            if fin.numel() < rows.numel():
+                keep = (~stop).nonzero().squeeze(1)
+                queues[j + 1].append((rows.index_select(0, keep), tree_index_select(h, keep),
+                                      tree_index_select(st, keep)))
+                counts[j + 1] += keep.numel()
+        assert out is not None
+        ledger = CostLedger.zeros(n, device=dev)
+        ledger.charge(profile.path_costs(plan.enabled, with_policy=with_policy).to(dev)[exit_index])
+        return EarlyExitOutput(logits=out, cost=ledger.flops, decisions={"exit": exit_index}, mode=Mode.EXECUTE)

@@ -39,7 +39,7 @@ from dynaneural.calibration.thresholds import KnobCalibration, calibrate_knob
 from dynaneural.compute.flops import static_flops
 from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import DynamicModel, resolve_mode
-from dynaneural.execution import Mode, check_slots, scatter_exits, tree_cat, tree_index_select, tree_map
+from dynaneural.execution import Mode, check_slots, scatter_exits, tree_cat, tree_index_select, tree_slice
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies.exit_rules import ExitRule, create_exit_rule
 from dynaneural.registry import register_model
@@ -309,8 +309,8 @@ class RecurrentExitNetwork(DynamicModel):
                 last = step[:m] == s - 1
                 if enabled:
                     z = self.classifier(h[:m])
-                    score, head = self.exit_rule.score(z, tree_map(lambda t: t[:m], state))
-                    state = tree_cat(head, tree_map(lambda t: t[m:], state)) if m < idx.numel() else head
+                    score, head = self.exit_rule.score(z, tree_slice(state, None, m))
+                    state = tree_cat(head, tree_slice(state, m)) if m < idx.numel() else head
                     done = last | (score >= thr)
                 else:
                     done = last
