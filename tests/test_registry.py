@@ -32,3 +32,24 @@ def test_positional_entry_point_rejected():
 def test_list_models_wildcards():
     assert "test_exit_convnet" in dn.list_models("test_*")
     assert all(not n.startswith("test_") for n in dn.list_models(exclude_tests=True))
+
+
+def test_create_model_seed_fixes_the_weights_and_leaves_the_global_rng_alone():
+    import torch
+
+    from dynaneural.registry import create_model
+
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = create_model("test_exit_convnet", seed=7)
+    b = create_model("test_exit_convnet", seed=7)
+    after = torch.rand(3)
+    assert torch.equal(before, after)  # the caller's RNG stream is unchanged by the seeded builds
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    c = create_model("test_exit_convnet", seed=8)
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="seed"):
+            create_model("test_exit_convnet", seed=bad)

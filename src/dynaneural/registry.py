@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 __all__ = ["register_model", "create_model", "list_models", "model_entrypoint"]
@@ -45,14 +46,26 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
         raise ValueError(f"unknown model {name!r}{hint} (see dynaneural.list_models())") from None
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered model; unknown keyword arguments raise ``TypeError``."""
+def create_model(name: str, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
+    """Build a registered model; unknown keyword arguments raise ``TypeError``.
+
+    ``seed``: initialise the weights from ``torch.manual_seed(seed)`` without touching the caller's global RNG, so
+    that the same call gives the same weights in every process. Without it the weights come from the global RNG
+    as it stands, whose start value differs between processes unless the caller seeded it.
+    """
     fn = model_entrypoint(name)
     accepted = inspect.signature(fn).parameters
     unknown = [k for k in kwargs if k not in accepted]
     if unknown:
         raise TypeError(f"model {name!r} got unknown argument(s) {unknown}; it accepts {sorted(accepted)}")
-    model = fn(**kwargs)
+    if seed is None:
+        model = fn(**kwargs)
+    else:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = fn(**kwargs)
     model.model_name = name  # type: ignore[assignment]
     model.model_kwargs = dict(kwargs)  # type: ignore[assignment]
     return model

@@ -39,7 +39,7 @@ def train_recipe_model(recipe: Recipe, data: DatasetSplits, *, out_dir: Path, ta
                        model_overrides: dict[str, Any] | None = None, progress: bool = True) -> MultiExitNetwork:
     """Build the recipe's model (with overrides) and train it with the recipe's settings; resumes if interrupted."""
     kwargs = {**recipe.model_kwargs, **(model_overrides or {})}
-    model = create_model(recipe.model, **kwargs)
+    model = create_model(recipe.model, seed=int(recipe.train.get("seed", 0)), **kwargs)
     cfg = TrainConfig.from_dict({**recipe.train, "checkpoint_dir": out_dir / "checkpoints" / tag,
                                  "progress": progress})
     augment = augment_cifar if recipe.dataset == "cifar10" else None

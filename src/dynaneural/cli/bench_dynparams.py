@@ -76,7 +76,7 @@ def run_dynparams_bench(recipe: Any, *, data_dir: str | None = None, log: Any = 
                 f"realized {t['realized_speedup']:.2f}x")
 
     for method in opts.get("methods", list(_METHODS)):
-        model = create_model(f"{_METHODS[method]}_{suffix}")
+        model = create_model(f"{_METHODS[method]}_{suffix}", seed=cfg.seed)
         secs = fit(model, method)
         ev = evaluate(model, data.test_x, data.test_y, mode="execute")
         with torch.inference_mode():
@@ -92,7 +92,7 @@ def run_dynparams_bench(recipe: Any, *, data_dir: str | None = None, log: Any = 
                      "simulate_execute_max_abs_diff": diff, "train_seconds": secs})
 
     if opts.get("gated_dense", True):
-        dense = create_model(f"gated_dense_{suffix}", budget=opts.get("dense_train_budget", 0.5),
+        dense = create_model(f"gated_dense_{suffix}", seed=cfg.seed, budget=opts.get("dense_train_budget", 0.5),
                              strategy=opts.get("dense_strategy", "pattern"))
         secs = fit(dense, "gated_dense")
         twin = dense.to_static().eval()

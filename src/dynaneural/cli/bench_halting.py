@@ -121,7 +121,7 @@ def run_halting_bench(*, method: str, recipe_name: str | None = None, quick: boo
     top = n_bits // 2 if extrapolate else n_bits
     data = make_parity(n_bits=n_bits, train_size=train_steps * cfg.batch_size, val_size=int(opts["val_size"]),
                        test_size=int(opts["test_size"]), train_max_nonzero=top, seed=int(opts["seed"]))
-    model = create_model(recipe.model, **{**recipe.model_kwargs, "n_bits": n_bits})
+    model = create_model(recipe.model, seed=cfg.seed, **{**recipe.model_kwargs, "n_bits": n_bits})
     if isinstance(model, PonderNet):
         loss_fn: Any = PonderNetLoss()
     else:

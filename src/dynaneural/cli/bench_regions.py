@@ -68,7 +68,8 @@ def run_region_bench(recipe: Any, *, data_dir: str | None = None, log: Any = pri
 
     # the static family: the first k resolutions, each trained on its own
     for k in opts.get("static_stages", [1, 2]):
-        m = create_model(recipe.model, **recipe.model_kwargs, num_stages=int(k), exits="last")
+        m = create_model(recipe.model, seed=int(recipe.train.get("seed", 0)), **recipe.model_kwargs,
+                         num_stages=int(k), exits="last")
         _train(m, recipe, data)
         acc = evaluate(m, data.test_x, data.test_y, mode="execute").accuracy
         add(f"static_ranet_{k}", m.to_static().eval(), acc=acc, flops=m.cost_profile().static_total, budget=1.0,
@@ -81,7 +82,8 @@ def run_region_bench(recipe: Any, *, data_dir: str | None = None, log: Any = pri
         add("ranet", lambda xb: ranet(xb, mode="execute"), acc=res.accuracy, flops=float(res.mean_cost), budget=b,
             extra={"family": "dynamic", "exit_fraction": res.exit_fraction})
     # GFNet
-    gf = create_model(opts.get("gfnet_model", "gfnet_mnist"), **opts.get("gfnet_kwargs", {}))
+    gf = create_model(opts.get("gfnet_model", "gfnet_mnist"), seed=int(recipe.train.get("seed", 0)),
+                      **opts.get("gfnet_kwargs", {}))
     _train(gf, recipe, data, loss_fn=gf.loss)
     with gf.all_on():
         gf_full = evaluate(gf, data.test_x, data.test_y, mode="execute").accuracy

@@ -222,7 +222,7 @@ def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: in
     data = load_sst2(data_dir=data_dir, train_limit=train_limit, seed=seed)
     log(f"SST-2: {data.sizes}, vocabulary {data.vocab_size}")
     model_name = model_name or METHODS[method]["sst2"]
-    model = dn.create_model(model_name, vocab_size=data.vocab_size, **(model_kwargs or {}))
+    model = dn.create_model(model_name, seed=seed, vocab_size=data.vocab_size, **(model_kwargs or {}))
     cell = "gru" if method == "skip-gru" else "lstm"
     torch.manual_seed(seed)
     base = StaticRecurrentClassifier(RecurrentBackbone(cell=cell, hidden_size=model.backbone.hidden_size,

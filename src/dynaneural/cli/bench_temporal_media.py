@@ -245,7 +245,7 @@ def _run_video(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tupl
 
     # 1. Early exit over frames (also the warm start of AdaFrame).
     fe_name = opt.get("frame_exit_model", "frame_exit_moving_digits")
-    fe = dn.create_model(fe_name, **kw)
+    fe = dn.create_model(fe_name, seed=int(recipe.train.get("seed", 0)), **kw)
     # What determines the frame-exit training (not AdaFrame's own settings, so that changing those reuses it).
     fe_key = (fe_name, kw, recipe.train, recipe.data, {k: v for k, v in opt.items() if k != "adaframe_train"})
     meta["frame_exit_train_s"] = _train(fe, recipe, tr.x, tr.y, va.x, va.y, loss_fn=fe.training_loss,
@@ -265,7 +265,7 @@ def _run_video(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tupl
                    labels=te.y[:24], preds=res["logits"].argmax(-1), title="early exit over frames (in order)")
 
     # 2. AdaFrame, warm-started from the frame-exit model.
-    ada = dn.create_model(recipe.model, **{**kw, **recipe.model_kwargs})
+    ada = dn.create_model(recipe.model, seed=int(recipe.train.get("seed", 0)), **{**kw, **recipe.model_kwargs})
     for name in ("encoder", "memory", "classifier"):
         getattr(ada, name).load_state_dict(getattr(fe, name).state_dict())
     ada_train = {**recipe.train, **opt.get("adaframe_train", {})}
@@ -367,7 +367,8 @@ def _run_fusion(recipe: Any, *, data_dir: Any, out: Path, progress: bool) -> tup
     vx, vy, _ = make_audio_visual_pairs(d.val_x, d.val_y, mnist.val_x, mnist.val_y, seed=seed + 1, corrupt=corrupt)
     tx, ty, tk = make_audio_visual_pairs(d.test_x, d.test_y, mnist.test_x, mnist.test_y, seed=seed + 2,
                                          repeats=int(opt.get("test_repeats", 3)), corrupt=corrupt)
-    model = dn.create_model(recipe.model, frames=d.frames, n_mels=d.n_mels, **recipe.model_kwargs)
+    model = dn.create_model(recipe.model, seed=int(recipe.train.get("seed", 0)), frames=d.frames, n_mels=d.n_mels,
+                            **recipe.model_kwargs)
     train_s = _train(model, recipe, x, y, vx, vy, loss_fn=None, progress=progress,
                      cache=training_dir(out, "fusion", recipe.model, recipe.model_kwargs, recipe.train, recipe.data,
                                         opt))

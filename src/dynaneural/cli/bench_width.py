@@ -72,7 +72,7 @@ def run_width_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
 
     # ---------------------------------------------------------------- slimmable widths
     t0 = time.perf_counter()
-    slim = create_model(opts.get("slimmable_model", "slimmable_mnist"))
+    slim = create_model(opts.get("slimmable_model", "slimmable_mnist"), seed=int(recipe.train.get("seed", 0)))
     _train(slim, recipe, data, out_dir=out_dir, tag="slimmable")
     meta["slimmable_train_seconds"] = time.perf_counter() - t0
     static = slim.to_static()
@@ -97,7 +97,8 @@ def run_width_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
     # ---------------------------------------------------------------- FBS channel gating
     for keep in opts.get("gating_keep", [0.5]):
         t0 = time.perf_counter()
-        gate = create_model(opts.get("gating_model", "channel_gating_mnist"), keep=keep)
+        gate = create_model(opts.get("gating_model", "channel_gating_mnist"), seed=int(recipe.train.get("seed", 0)),
+                            keep=keep)
         _train(gate, recipe, data, extra={"distill_alpha": 0.0}, out_dir=out_dir, tag=f"gating-keep{keep}")
         secs = time.perf_counter() - t0
         ev = evaluate(gate, data.test_x, data.test_y, mode="execute")
