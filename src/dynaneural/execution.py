@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["Mode", "check_slots", "group_rows", "rows_where", "run_rows", "scatter_exits", "tree_cat",
-           "tree_index_select", "tree_map", "tree_slice"]
+__all__ = ["Mode", "check_slots", "group_rows", "rows_where", "run_rows", "scatter_exits", "retire_rows",
+           "tree_cat", "tree_index_select", "tree_map", "tree_slice"]
 
 
 class Mode(str, Enum):
@@ -74,6 +74,15 @@ def tree_cat(first: T, second: T) -> T:
             raise ValueError(f"states differ in keys: {sorted(first)} vs {sorted(second)}")  # type: ignore[arg-type]
         return {k: tree_cat(v, second[k]) for k, v in first.items()}  # type: ignore[return-value, index]
     return first
+
+
+def retire_rows(out: torch.Tensor, exit_step: torch.Tensor, slot_item: torch.Tensor, slot_step: torch.Tensor,
+                fin: torch.Tensor, logits: torch.Tensor) -> None:
+    """Streamed execution: the in-flight rows ``fin`` are done. Write their ``logits`` and the step they stopped at
+    into the outputs of the items they hold (``slot_item``: which input each row holds; ``slot_step``: its step)."""
+    dest = slot_item.index_select(0, fin)
+    out.index_copy_(0, dest, logits)
+    exit_step.index_copy_(0, dest, slot_step.index_select(0, fin))
 
 
 def check_slots(slots: object) -> int:

@@ -49,7 +49,7 @@ from dynaneural.calibration.thresholds import KnobCalibration, calibrate_knob
 from dynaneural.compute.flops import static_flops
 from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import DynamicModel, resolve_mode
-from dynaneural.execution import Mode, check_slots
+from dynaneural.execution import Mode, check_slots, retire_rows
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies.reinforce import PolicySample, ReinforceLoss, sample_categorical
 from dynaneural.registry import register_model
@@ -440,10 +440,8 @@ class AdaFrame(DynamicModel):
                 done = last | (may & (score >= thr))
             fin = done.nonzero().squeeze(1)
             if fin.numel():  # one host sync per step
-                dest = idx.index_select(0, fin)
-                out.index_copy_(0, dest, z.index_select(0, fin) if z is not None
-                                else self.classifier(h.index_select(0, fin)))
-                exit_step.index_copy_(0, dest, step.index_select(0, fin))
+                retire_rows(out, exit_step, idx, step, fin, z.index_select(0, fin) if z is not None
+                            else self.classifier(h.index_select(0, fin)))
                 keep = (~done).nonzero().squeeze(1)
                 idx, step, h, c = (t.index_select(0, keep) for t in (idx, step, h, c))
                 if not idx.numel():

@@ -39,7 +39,7 @@ from dynaneural.calibration.thresholds import KnobCalibration, calibrate_knob
 from dynaneural.compute.flops import static_flops
 from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import DynamicModel, resolve_mode
-from dynaneural.execution import Mode, check_slots, scatter_exits, tree_cat, tree_index_select, tree_slice
+from dynaneural.execution import Mode, check_slots, retire_rows, scatter_exits, tree_cat, tree_index_select, tree_slice
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies.exit_rules import ExitRule, create_exit_rule
 from dynaneural.registry import register_model
@@ -316,10 +316,8 @@ class RecurrentExitNetwork(DynamicModel):
                     done = last
                 fin = done.nonzero().squeeze(1)
                 if fin.numel():  # one host sync per step
-                    dest = idx.index_select(0, fin)
-                    out.index_copy_(0, dest, z.index_select(0, fin) if z is not None
-                                    else self.classifier(h.index_select(0, fin)))
-                    exit_step.index_copy_(0, dest, step.index_select(0, fin))
+                    retire_rows(out, exit_step, idx, step, fin, z.index_select(0, fin) if z is not None
+                                else self.classifier(h.index_select(0, fin)))
                     keep = torch.cat([(~done).nonzero().squeeze(1), torch.arange(m, idx.numel(), device=dev)])
                     idx, step, h, c = (t.index_select(0, keep) for t in (idx, step, h, c))
                     state = tree_index_select(state, keep)
