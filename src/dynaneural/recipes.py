@@ -103,9 +103,10 @@ class Recipe:
         model_entrypoint(self.model)  # raises with close names if unknown
         if self.dataset not in list_datasets():
             raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {list(list_datasets())}")
-        bad = set(self.data) - {"seed", "val_size", "train_limit"}
+        keys = {"seed", "val_size", "train_limit"} | ({"val_split"} if self.dataset == "sst2" else set())
+        bad = set(self.data) - keys
         if bad:
-            raise ValueError(f"data: unknown key(s) {sorted(bad)}; expected seed, val_size, train_limit")
+            raise ValueError(f"data: unknown key(s) {sorted(bad)}; expected {', '.join(sorted(keys))}")
         if set(self.quick) - {"train", "data", "calibration", "bench", "options"}:
             raise ValueError("quick: only train, data, calibration, bench and options can be overridden, got "
                              f"{list(self.quick)}")

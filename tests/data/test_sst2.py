@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dynaneural.data import DataIntegrityError
-from dynaneural.data.sst2 import Vocabulary, encode, load_sst2, read_sst2_tsv, tokenize
+from dynaneural.data.sst2 import Vocabulary, encode, load_sst2, read_sst2_tsv, sentence_roots, tokenize
 
 
 def test_tokenizer_lowercases_and_splits_punctuation():
@@ -32,6 +32,29 @@ def test_encode_pads_and_truncates():
     assert x.tolist() == [[2, 3, 0]]
     with pytest.raises(ValueError):
         encode(["a"], vocab, max_len=0)
+
+
+def test_sentence_roots_are_the_phrases_no_longer_phrase_contains():
+    texts = ["a good movie", "good movie", "movie", "a good", "bad acting , but fun", "but fun", "fun", "a bad",
+             "movie a"]
+    # "movie a" is not contiguous inside "a good movie"; "a bad" is not inside any longer phrase
+    assert sentence_roots(texts).tolist() == [0, 4, 7, 8]
+    assert sentence_roots([]).tolist() == []
+
+
+def test_real_sst2_sentence_validation(require_real):
+    root = require_real("sst2/train.tsv", "sst2/dev.tsv")
+    d = load_sst2(data_dir=root, val_split="sentences")
+    texts, _ = read_sst2_tsv(root / "sst2" / "train.tsv")
+    assert d.sizes["val"] == 872 and 55_000 < d.sizes["train"] < 60_000  # each held-out sentence takes its phrases
+    # as long as dev's whole sentences (random training phrases are half as long)
+    assert abs(float(d.val_len.float().mean()) - float(d.test_len.float().mean())) < 2.0
+    assert float(load_sst2(data_dir=root).val_len.float().mean()) < 12
+    val_words = {tuple(d.vocab.decode(r[r > 0].tolist())) for r in d.val_x}
+    train_words = {tuple(d.vocab.decode(r[r > 0].tolist())) for r in d.train_x}
+    assert not val_words & train_words
+    with pytest.raises(ValueError, match="val_split"):
+        load_sst2(data_dir=root, val_split="words")
 
 
 def test_real_sst2(require_real):

@@ -212,15 +212,15 @@ def timing_rows(method: str, *, sizes: list[tuple[int, int, int, int]], target: 
 def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: int | None, repeats: int,
               budgets: list[float], seed: int = 0, out_dir: Path | None = None, model_name: str | None = None,
               model_kwargs: dict[str, Any] | None = None, batch_size: int = 64, lr: float = 2e-3,
-              log: Callable[[str], None] = print) -> list[Any]:
+              val_split: str = "phrases", log: Callable[[str], None] = print) -> list[Any]:
     import dynaneural as dn
     from dynaneural.bench.rows import SpeedupRow
     from dynaneural.calibration import calibrate_knob
     from dynaneural.data.sst2 import load_sst2
     from dynaneural.temporal_wise.sequence.common import RecurrentBackbone, StaticRecurrentClassifier
 
-    data = load_sst2(data_dir=data_dir, train_limit=train_limit, seed=seed)
-    log(f"SST-2: {data.sizes}, vocabulary {data.vocab_size}")
+    data = load_sst2(data_dir=data_dir, train_limit=train_limit, seed=seed, val_split=val_split)  # type: ignore[arg-type]
+    log(f"SST-2: {data.sizes}, vocabulary {data.vocab_size}, validation: {val_split}")
     model_name = model_name or METHODS[method]["sst2"]
     model = dn.create_model(model_name, seed=seed, vocab_size=data.vocab_size, **(model_kwargs or {}))
     cell = "gru" if method == "skip-gru" else "lstm"
@@ -231,7 +231,8 @@ def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: in
     cache = None
     if out_dir is not None:  # the full-reading baseline is the same for every method: train it once per setting
         cache = out_dir / (f"full_{cell}_h{model.backbone.hidden_size}_e{model.backbone.feature_size}_ep{epochs}"
-                           f"_n{len(data.train_y)}_v{data.vocab_size}_s{seed}.safetensors")
+                           f"_n{len(data.train_y)}_v{data.vocab_size}_s{seed}"
+                           + ("" if val_split == "phrases" else f"_val{val_split}") + ".safetensors")
     if cache is not None and cache.is_file():
         from safetensors.torch import load_file
 
@@ -295,7 +296,7 @@ def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: in
                    "updated_fraction": ev["work_fraction"], "skipped_fraction": 1 - ev["work_fraction"],
                    "simulate_accuracy": sim["accuracy"], "epochs": epochs, "train_limit": train_limit,
                    "val_acc": hist[-1]["val_acc"], "static_val_acc": base_hist[-1]["val_acc"],
-                   "dataset": "sst2 (dev as test)"}))
+                   "dataset": "sst2 (dev as test)", "val_split": val_split}))
         log(f"  {method} budget {budget}: acc {ev['accuracy']:.4f} (full reading {base_eval['accuracy']:.4f}) "
             f"work {ev['work_fraction']:.3f} theoretical {theo:.2f}x realized {t['realized_speedup']:.2f}x")
     return rows
@@ -579,7 +580,8 @@ def cmd_bench_temporal(args: argparse.Namespace) -> int:
                           repeats=recipe.bench.repeats, budgets=list(recipe.calibration.budgets),
                           out_dir=Path(args.out) if args.out else None, model_name=recipe.model,
                           model_kwargs=recipe.model_kwargs, batch_size=int(train.get("batch_size", 64)),
-                          lr=float(train.get("lr", 2e-3)), seed=int(train.get("seed", 0)))
+                          lr=float(train.get("lr", 2e-3)), seed=int(train.get("seed", 0)),
+                          val_split=str(recipe.data.get("val_split", "phrases")))
     speed_rows = [r for r in rows if not (isinstance(r, dict) and r.get("kind") == "kernel")]
     if speed_rows:
         print(format_rows(speed_rows, ["method", "batch_size", "budget", "achieved_budget", "accuracy",

@@ -7,6 +7,13 @@ Layout: ``<data_dir>/sst2/{train,dev,test}.tsv`` (GLUE format: ``sentence<TAB>la
 is unlabeled and not used). ``dev.tsv`` is the test split (GLUE's test labels are hidden) and a stratified part
 of ``train.tsv`` is held out for validation. Every file is md5-checked.
 
+``train.tsv`` holds every phrase of the treebank's parse trees (67,349, median 7 words), while dev holds whole
+sentences (median 19 words). A validation split of random training *phrases* is therefore much shorter than the
+test sentences: a knob calibrated on it to a read fraction does not transfer (an early-stop reader calibrated to
+read 60 % of the validation tokens read 31 % of dev's). ``val_split="sentences"`` holds out whole training
+sentences instead — the phrases no longer phrase contains (:func:`sentence_roots`) — and removes every phrase of
+those sentences from training, so validation is as long as dev and unseen in training.
+
 Text processing needs no download: lower-casing, a regex word tokenizer (:func:`tokenize`), a vocabulary of the
 training split's words seen at least ``min_freq`` times (:class:`Vocabulary`, ``<pad>`` = 0, ``<unk>`` = 1), and
 padding/truncation to ``max_len``. Padding goes on the left by default, so that a recurrent classifier reading
@@ -39,7 +46,7 @@ from dynaneural.data.sources import resolve_data_dir
 from dynaneural.data.splits import stratified_split
 
 __all__ = ["SST2_CLASSES", "SST2_FILES", "TextSplits", "Vocabulary", "download_sst2", "encode", "load_sst2",
-           "read_sst2_tsv", "tokenize"]
+           "read_sst2_tsv", "sentence_roots", "tokenize"]
 
 SST2_CLASSES = ("negative", "positive")
 #: file name -> md5 (GLUE SST-2; train.tsv is the full 67,349-phrase training set).
@@ -128,6 +135,31 @@ def encode(texts: Sequence[str], vocab: Vocabulary, *, max_len: int, padding: Li
     return torch.from_numpy(out), torch.from_numpy(lengths)
 
 
+def _spans(words: Sequence[str]) -> Iterable[tuple[str, ...]]:
+    n = len(words)
+    return (tuple(words[i:j]) for i in range(n) for j in range(i + 1, n + 1))
+
+
+def sentence_roots(texts: Sequence[str]) -> np.ndarray:
+    """Indices of the phrases that are not a contiguous part of a longer phrase of ``texts``.
+
+    On SST's phrase-level training set these are the treebank sentences (every other phrase is a subtree of one).
+    Greedy from the longest phrase down: a phrase is a root unless its words occur inside an accepted root.
+
+    Returns:
+        sorted int64 indices into ``texts``.
+    """
+    words = [tuple(tokenize(t)) for t in texts]
+    seen: set[tuple[str, ...]] = set()
+    roots = []
+    for i in sorted(range(len(words)), key=lambda k: (-len(words[k]), k)):
+        if not words[i] or words[i] in seen:
+            continue
+        roots.append(i)
+        seen.update(_spans(words[i]))
+    return np.array(sorted(roots), dtype=np.int64)
+
+
 def read_sst2_tsv(path: str | Path) -> tuple[list[str], np.ndarray]:
     """Sentences and int64 labels of a labeled GLUE SST-2 file (header ``sentence<TAB>label``)."""
     with open(path, encoding="utf-8", newline="") as handle:
@@ -195,7 +227,8 @@ class TextSplits:
 
 def load_sst2(*, data_dir: str | Path | None = None, seed: int = 0, val_size: int = 872,
               train_limit: int | None = None, max_len: int = 48, min_freq: int = 2, max_vocab: int | None = None,
-              padding: Literal["left", "right"] = "left") -> TextSplits:
+              padding: Literal["left", "right"] = "left",
+              val_split: Literal["phrases", "sentences"] = "phrases") -> TextSplits:
     """Load SST-2 from ``<data_dir>/sst2/`` (md5-checked) as token-id tensors.
 
     Args:
@@ -207,6 +240,8 @@ def load_sst2(*, data_dir: str | Path | None = None, seed: int = 0, val_size: in
         min_freq: Keep training words seen at least this often; others become ``<unk>``.
         max_vocab: Cap on the vocabulary size (most frequent first).
         padding: ``left`` (default; a left-to-right RNN ends on the last word) or ``right``.
+        val_split: ``phrases`` (a stratified sample of training phrases) or ``sentences`` (whole training sentences,
+            with all their phrases removed from training; as long as dev's sentences, see the module docstring).
 
     Returns:
         The splits; test is GLUE's dev set (872 sentences).
@@ -222,7 +257,20 @@ def load_sst2(*, data_dir: str | Path | None = None, seed: int = 0, val_size: in
     if not isinstance(val_size, int) or not 0 <= val_size < len(train_y):
         raise ValueError(f"val_size must be an int in [0, {len(train_y)}), got {val_size!r}")
     rng = np.random.default_rng(seed)
-    train_idx, val_idx = stratified_split(train_y, n_holdout=val_size, rng=rng)
+    if val_split == "phrases":
+        train_idx, val_idx = stratified_split(train_y, n_holdout=val_size, rng=rng)
+    elif val_split == "sentences":
+        roots = sentence_roots(train_text)
+        if val_size > len(roots):
+            raise ValueError(f"val_size {val_size} exceeds the {len(roots)} training sentences")
+        val_idx = roots[stratified_split(train_y[roots], n_holdout=val_size, rng=rng)[1]]
+        held: set[tuple[str, ...]] = set()
+        for i in val_idx:
+            held.update(_spans(tokenize(train_text[i])))
+        train_idx = np.array([i for i in range(len(train_y)) if tuple(tokenize(train_text[i])) not in held],
+                             dtype=np.int64)
+    else:
+        raise ValueError(f"val_split must be 'phrases' or 'sentences', got {val_split!r}")
     if train_limit is not None:
         if not isinstance(train_limit, int) or train_limit < 1:
             raise ValueError(f"train_limit must be a positive int or None, got {train_limit!r}")
