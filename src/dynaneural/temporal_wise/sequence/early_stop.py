@@ -7,8 +7,10 @@ each chunk of ``L`` tokens, and a sample stops at the first chunk whose exit sco
 ``entropy`` or ``patience``, :mod:`dynaneural.policies.exit_rules`) reaches the threshold — the inference knob
 calibrated to a budget. The last chunk always answers.
 
-Training (:meth:`EarlyStopReader.loss`) averages the cross-entropy of every chunk's prediction (a multi-exit loss
-over time), so early states learn to answer. ``simulate`` runs the fused LSTM over the whole sequence and
+Training (:meth:`EarlyStopReader.loss`) is the library's multi-exit objective over time
+(:class:`~dynaneural.objectives.MultiExitLoss` on the per-chunk predictions): the cross-entropy of every chunk's
+prediction, so early states learn to answer, optionally weighted toward later chunks and with self-distillation
+from the last chunk (``distill_alpha``). ``simulate`` runs the fused LSTM over the whole sequence and
 applies the stop decisions afterwards; ``execute`` runs the fused ``nn.LSTM`` chunk by chunk on the samples
 still reading only (compact batch carrying their state) — a stopped sample's remaining tokens are never read.
 Ledger parts: ``cell`` (tokens read), ``head`` (classifier evaluations, one per chunk read).
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import resolve_mode
 from dynaneural.execution import Mode, tree_index_select
+from dynaneural.objectives import MultiExitLoss
 from dynaneural.outputs import DynamicOutput
 from dynaneural.policies import create_exit_rule
 from dynaneural.registry import register_model
@@ -42,6 +45,9 @@ class EarlyStopConfig:
     """Args:
     hidden_size, num_classes, vocab_size, embed_dim, input_size, max_len: as for the other sequence models.
     chunk: L, tokens read between stop decisions. rule: exit rule name. threshold: score needed to stop.
+    exit_weights: per-chunk loss weights, ``uniform`` or ``linear`` (``MultiExitLoss``; the number of chunks varies
+    with the batch's length, so only the named schemes). distill_alpha: share of self-distillation from the last
+    chunk in every earlier chunk's loss (0: plain cross-entropy).
     """
 
     hidden_size: int = 128
@@ -53,10 +59,14 @@ class EarlyStopConfig:
     chunk: int = 8
     rule: str = "confidence"
     threshold: float = 0.9
+    exit_weights: str = "uniform"
+    distill_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         if self.chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+        if self.exit_weights not in ("uniform", "linear"):
+            raise ValueError(f"exit_weights must be 'uniform' or 'linear', got {self.exit_weights!r}")
 
 
 @dataclass
@@ -85,16 +95,18 @@ class EarlyStopReader(SequenceModel):
         self.rule = create_exit_rule(cfg.rule)
         self.threshold = float(cfg.threshold)
         self.num_classes = cfg.num_classes
+        self.objective = MultiExitLoss(weights=cfg.exit_weights, distill_alpha=cfg.distill_alpha)
         self._init_sequence_io(vocab_size=cfg.vocab_size, input_size=cfg.input_size, max_len=cfg.max_len)
 
     def set_threshold(self, threshold: float) -> None:
         self.threshold = float(threshold)
 
     def loss(self, out: EarlyStopOutput, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Mean cross-entropy over the chunk predictions (train mode), else of the final logits."""
+        """The multi-exit objective over the chunk predictions (train/simulate), else the final cross-entropy."""
         logits = out.chunk_logits or [out.logits]
-        ce = torch.stack([F.cross_entropy(z, y) for z in logits]).mean()
-        return {"loss": ce, "final_ce": F.cross_entropy(logits[-1], y).detach()}
+        parts = self.objective(logits, y)
+        return {"loss": parts["loss"], "distill": parts["distill"],
+                "final_ce": F.cross_entropy(logits[-1], y).detach()}
 
     def _bounds(self, steps: int) -> list[tuple[int, int]]:
         L = self.config.chunk
@@ -177,11 +189,12 @@ def _build(defaults: dict, overrides: dict) -> EarlyStopReader:
 
 @register_model
 def early_stop_lstm_sst2(*, vocab_size: int = 16384, hidden_size: int = 128, embed_dim: int = 128,
-                         max_len: int = 48, chunk: int = 4, rule: str = "confidence",
-                         threshold: float = 0.9) -> EarlyStopReader:
+                         max_len: int = 48, chunk: int = 4, rule: str = "confidence", threshold: float = 0.9,
+                         exit_weights: str = "uniform", distill_alpha: float = 0.0) -> EarlyStopReader:
     """Early-stop LSTM reader over SST-2 token ids (padding must be on the right so reading starts at the text)."""
     return _build(dict(num_classes=2), dict(vocab_size=vocab_size, hidden_size=hidden_size, embed_dim=embed_dim,
-                                            max_len=max_len, chunk=chunk, rule=rule, threshold=threshold))
+                                            max_len=max_len, chunk=chunk, rule=rule, threshold=threshold,
+                                            exit_weights=exit_weights, distill_alpha=distill_alpha))
 
 
 @register_model
