@@ -79,6 +79,29 @@ def test_early_stop_loss_covers_every_chunk():
     assert model.backbone.head.weight.grad is not None
 
 
+def test_early_stop_objective_options():
+    import pytest
+    import torch.nn.functional as F
+
+    from dynaneural.temporal_wise.sequence.early_stop import EarlyStopConfig, EarlyStopReader
+
+    model = dn.create_model("test_early_stop_lstm").train()
+    x, y = _x(model), torch.arange(16) % 3
+    out = model(x, mode="train")
+    plain = torch.stack([F.cross_entropy(z, y) for z in out.chunk_logits]).mean()
+    assert torch.allclose(model.loss(out, y)["loss"], plain)  # default: the mean cross-entropy over chunks
+    cfg = dict(vocab_size=40, embed_dim=8, hidden_size=16, num_classes=3, max_len=12, chunk=4)
+    lin = EarlyStopReader(EarlyStopConfig(**cfg, exit_weights="linear"))
+    lin.load_state_dict(model.state_dict())
+    ce = [F.cross_entropy(z, y) for z in out.chunk_logits]
+    assert torch.allclose(lin.loss(out, y)["loss"], (ce[0] + 2 * ce[1] + 3 * ce[2]) / 6)
+    sd = EarlyStopReader(EarlyStopConfig(**cfg, distill_alpha=0.5))
+    parts = sd.loss(out, y)
+    assert parts["distill"] > 0 and not torch.allclose(parts["loss"], plain)
+    with pytest.raises(ValueError, match="exit_weights"):
+        EarlyStopConfig(exit_weights="quadratic")
+
+
 def test_skim_leaves_the_big_units_untouched():
     model = dn.create_model("test_skim_lstm").eval()
     x = _x(model)
