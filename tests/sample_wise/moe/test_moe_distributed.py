@@ -15,11 +15,12 @@ from dynaneural.sample_wise.moe.distributed import check_expert_parallel_equival
 def test_expert_parallel_two_processes_equal_one_process():
     """One training step (outputs, loss, gradients, SGD update) and execute-mode decisions/cost after it."""
     rep = check_expert_parallel_equivalence("test_moe_transformer", world_size=2, batch_size=8, timeout_s=120)
-    assert rep.decisions_equal
-    assert rep.max_logit_diff <= 1e-5 and rep.max_loss_diff <= 1e-5
-    assert rep.max_grad_diff <= 1e-5 and rep.max_param_diff <= 1e-5
-    assert rep.max_cost_diff == 0.0
-    assert rep.tokens_per_s_1 > 0 and rep.tokens_per_s_w > 0
+    # every assertion prints the whole report: this test has failed intermittently in full runs (not alone)
+    assert rep.decisions_equal, rep
+    assert rep.max_logit_diff <= 1e-5 and rep.max_loss_diff <= 1e-5, rep
+    assert rep.max_grad_diff <= 1e-5 and rep.max_param_diff <= 1e-5, rep
+    assert rep.max_cost_diff == 0.0, rep
+    assert rep.tokens_per_s_1 > 0 and rep.tokens_per_s_w > 0, rep
 
 
 @pytest.mark.slow
