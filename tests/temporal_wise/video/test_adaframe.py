@@ -102,7 +102,7 @@ def _varied_stops(stop_rule):
 
 @pytest.mark.parametrize("stop_rule", ["utility", "confidence"])
 @pytest.mark.parametrize("slots", [1, 5, 16, 64])
-def test_streamed_execution_gives_each_clip_its_execute_result(stop_rule, slots):
+def test_streamed_execution_gives_each_clip_its_execute_result(stop_rule, slots, assert_stream_matches_execute):
     m = _varied_stops(stop_rule)
     x = m.example_input(40, generator=torch.Generator().manual_seed(3))
     calls = []
@@ -112,13 +112,7 @@ def test_streamed_execution_gives_each_clip_its_execute_result(stop_rule, slots)
         got = m(x, mode="execute", slots=slots)
         hook.remove()
     assert ref.decisions["exit_step"].unique().numel() > 1  # the clips stop at different steps
-    for key in ("frames", "exit_step", "frame_order"):
-        assert torch.equal(got.decisions[key], ref.decisions[key]), key
-    torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got.cost, ref.cost, rtol=1e-12, atol=0)
-    # Every frame looked at is encoded exactly once, never more than `slots` clips at a time.
-    assert sum(calls) == int(ref.decisions["frames"].sum())
-    assert calls[0] == min(slots, 40) and max(calls) <= slots
+    assert_stream_matches_execute(ref, got, calls, keys=("frames", "exit_step", "frame_order"), slots=slots, n=40)
 
 
 def test_streamed_execution_keeps_the_slots_full():

@@ -118,7 +118,8 @@ def _varied(name, exit_rule, min_steps):
 @pytest.mark.parametrize("name", ["test_frame_exit", "test_audio_exit"])
 @pytest.mark.parametrize(("exit_rule", "min_steps"), [("confidence", 1), ("entropy", 2), ("patience", 2)])
 @pytest.mark.parametrize("slots", [1, 5, 64])
-def test_streamed_execution_gives_each_sequence_its_execute_result(name, exit_rule, min_steps, slots):
+def test_streamed_execution_gives_each_sequence_its_execute_result(name, exit_rule, min_steps, slots,
+                                                                  assert_stream_matches_execute):
     m = _varied(name, exit_rule, min_steps)
     x = m.example_input(40, generator=torch.Generator().manual_seed(3))
     calls = []
@@ -131,13 +132,7 @@ def test_streamed_execution_gives_each_sequence_its_execute_result(name, exit_ru
     steps = ref.decisions["exit_step"]
     assert steps.unique().numel() > 1 and int(steps.min()) >= min_steps - 1
     assert torch.equal(sim.decisions["exit_step"], steps)
-    for key in ("exit_step", "frames"):
-        assert torch.equal(got.decisions[key], ref.decisions[key]), key
-    torch.testing.assert_close(got.logits, ref.logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got.cost, ref.cost, rtol=1e-12, atol=0)
-    # Every step read is encoded exactly once, never more than `slots` sequences at a time.
-    assert sum(calls) == int(ref.decisions["frames"].sum())
-    assert calls[0] == min(slots, 40) and max(calls) <= slots
+    assert_stream_matches_execute(ref, got, calls, keys=("exit_step", "frames"), slots=slots, n=40)
 
 
 def test_streamed_execution_keeps_the_rows_full_and_skips_the_classifier_before_min_steps():
