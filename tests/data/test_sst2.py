@@ -45,7 +45,6 @@ def test_sentence_roots_are_the_phrases_no_longer_phrase_contains():
 def test_real_sst2_sentence_validation(require_real):
     root = require_real("sst2/train.tsv", "sst2/dev.tsv")
     d = load_sst2(data_dir=root, val_split="sentences")
-    texts, _ = read_sst2_tsv(root / "sst2" / "train.tsv")
     assert d.sizes["val"] == 872 and 55_000 < d.sizes["train"] < 60_000  # each held-out sentence takes its phrases
     # as long as dev's whole sentences (random training phrases are half as long)
     assert abs(float(d.val_len.float().mean()) - float(d.test_len.float().mean())) < 2.0

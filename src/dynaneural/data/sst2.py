@@ -149,7 +149,10 @@ def sentence_roots(texts: Sequence[str]) -> np.ndarray:
     Returns:
         sorted int64 indices into ``texts``.
     """
-    words = [tuple(tokenize(t)) for t in texts]
+    return _roots([tuple(tokenize(t)) for t in texts])
+
+
+def _roots(words: Sequence[tuple[str, ...]]) -> np.ndarray:
     seen: set[tuple[str, ...]] = set()
     roots = []
     for i in sorted(range(len(words)), key=lambda k: (-len(words[k]), k)):
@@ -260,15 +263,15 @@ def load_sst2(*, data_dir: str | Path | None = None, seed: int = 0, val_size: in
     if val_split == "phrases":
         train_idx, val_idx = stratified_split(train_y, n_holdout=val_size, rng=rng)
     elif val_split == "sentences":
-        roots = sentence_roots(train_text)
+        words = [tuple(tokenize(t)) for t in train_text]
+        roots = _roots(words)
         if val_size > len(roots):
             raise ValueError(f"val_size {val_size} exceeds the {len(roots)} training sentences")
         val_idx = roots[stratified_split(train_y[roots], n_holdout=val_size, rng=rng)[1]]
         held: set[tuple[str, ...]] = set()
         for i in val_idx:
-            held.update(_spans(tokenize(train_text[i])))
-        train_idx = np.array([i for i in range(len(train_y)) if tuple(tokenize(train_text[i])) not in held],
-                             dtype=np.int64)
+            held.update(_spans(words[i]))
+        train_idx = np.array([i for i, w in enumerate(words) if w not in held], dtype=np.int64)
     else:
         raise ValueError(f"val_split must be 'phrases' or 'sentences', got {val_split!r}")
     if train_limit is not None:
