@@ -111,6 +111,24 @@ def test_sample_bernoulli_log_prob_and_entropy():
     torch.testing.assert_close(mixed.log_prob.exp(), torch.tensor([0.9]), atol=1e-5, rtol=0)
 
 
+def test_sample_bernoulli_free_mask_forces_the_other_decisions_on_without_gradient():
+    logits = torch.full((6, 3), -3.0, requires_grad=True)  # every decision would mostly be "off"
+    free = torch.tensor([False, False, True])
+    s = sample_bernoulli(logits, generator=torch.Generator().manual_seed(0), free=free)
+    assert (s.actions[:, :2] == 1).all()
+    ref = sample_bernoulli(logits[:, 2:], generator=torch.Generator().manual_seed(0))
+    p = torch.sigmoid(logits[:, 2])
+    a = s.actions[:, 2]
+    torch.testing.assert_close(s.log_prob, a * p.log() + (1 - a) * (1 - p).log(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(s.entropy, ref.entropy, atol=1e-6, rtol=0)
+    s.log_prob.sum().backward()
+    assert (logits.grad[:, :2] == 0).all() and (logits.grad[:, 2] != 0).all()
+    with pytest.raises(ValueError, match="bool"):
+        sample_bernoulli(logits, free=torch.ones(3))
+    with pytest.raises(ValueError, match="broadcast"):
+        sample_bernoulli(logits, free=torch.ones(4, dtype=torch.bool))
+
+
 def test_sample_categorical_is_reproducible_and_greedy():
     logits = torch.randn(16, 5, generator=torch.Generator().manual_seed(0))
     a = sample_categorical(logits, generator=torch.Generator().manual_seed(3))

@@ -32,12 +32,23 @@ class PolicySample:
 
 
 def sample_bernoulli(logits: torch.Tensor, *, greedy: bool = False, generator: torch.Generator | None = None,
-                     exploration: float = 0.0) -> PolicySample:
+                     exploration: float = 0.0, free: torch.Tensor | None = None) -> PolicySample:
     """Independent Bernoulli actions for logits (B, K) (or (B,)): log-probability and entropy summed over K.
 
     ``exploration`` in [0, 1) mixes the probabilities with 0.5 (BlockDrop's alpha-bounded exploration keeps
     every block's probability away from 0 and 1).
+
+    ``free`` (bool, broadcastable to ``logits``; None = all) marks the decisions the policy takes; the others are
+    forced to 1 and add nothing to the log-probability or the entropy, so no gradient reaches their logits
+    (BlockDrop's curriculum: the policy first decides only the last blocks, the earlier ones always run).
     """
+    if free is not None:
+        if free.dtype != torch.bool:
+            raise ValueError(f"free must be a bool mask, got {free.dtype}")
+        try:
+            free = torch.broadcast_to(free.to(logits.device), logits.shape)
+        except RuntimeError as e:
+            raise ValueError(f"free {tuple(free.shape)} does not broadcast to logits {tuple(logits.shape)}") from e
     p = torch.sigmoid(logits)
     if exploration:
         p = p * (1 - exploration) + 0.5 * exploration
@@ -49,6 +60,9 @@ def sample_bernoulli(logits: torch.Tensor, *, greedy: bool = False, generator: t
     eps = 1e-7
     logp = a * torch.log(p + eps) + (1 - a) * torch.log1p(-p + eps)
     ent = -(p * torch.log(p + eps) + (1 - p) * torch.log1p(-p + eps))
+    if free is not None:
+        a = torch.where(free, a, torch.ones_like(a))
+        logp, ent = logp * free, ent * free
     if logits.dim() > 1:
         logp, ent = logp.flatten(1).sum(1), ent.flatten(1).sum(1)
     return PolicySample(actions=a, log_prob=logp, entropy=ent)

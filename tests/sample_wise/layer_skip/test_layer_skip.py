@@ -13,8 +13,10 @@ from dynaneural.sample_wise.layer_skip import (
     SkipNet,
     block_usage_by_class,
     blockdrop_reward,
+    curriculum_free_gates,
     plot_block_usage,
     skipnet_hybrid_loss,
+    train_blockdrop_policy,
 )
 
 NAMES = ["test_skipnet_ff", "test_skipnet_rnn", "test_convnet_aig", "test_blockdrop"]
@@ -122,6 +124,41 @@ def test_reinforce_step_moves_blockdrop_policy_toward_fewer_blocks():
     with torch.no_grad():
         after = torch.sigmoid(model.policy(x)).mean()
     assert after < before - 0.01, (before, after)
+
+
+def test_curriculum_free_gates_grows_from_the_last_block_to_all():
+    sched = [curriculum_free_gates(s, total_steps=14, num_gates=7) for s in range(16)]
+    assert sched[0] == 1 and sched[13] == 7 and sched[14:] == [7, 7]
+    assert all(b - a in (0, 1) for a, b in zip(sched, sched[1:], strict=False))  # one more block at a time
+    assert [sched.count(j) for j in range(1, 7)] == [2] * 6  # even intervals
+    assert curriculum_free_gates(0, total_steps=0, num_gates=7) == 7  # no curriculum
+
+
+def test_blockdrop_policy_curriculum_keeps_the_early_blocks_on_and_untrained():
+    """During the curriculum the policy decides only the last blocks: the others run for every sample, and their
+    logits get no policy gradient (the policy's last layer keeps their weights)."""
+    model = dn.create_model("test_blockdrop", seed=0)
+    x = _x(model, 32)
+    y = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(1))
+    g = model.num_gates
+    before = model.policy.fc.weight.detach().clone()
+    calls = []
+    orig = model.fixed_actions
+
+    def spy(actions):
+        calls.append(actions.clone())
+        return orig(actions)
+
+    model.fixed_actions = spy
+    hist = train_blockdrop_policy(model, x, y, epochs=2, batch_size=16, lr=0.1, curriculum_epochs=2.0)
+    # 2 steps per epoch, a ramp of 4 steps: the gates decided at the last step of each epoch
+    assert [h["free_gates"] for h in hist] == [curriculum_free_gates(s, total_steps=4, num_gates=g) for s in (1, 3)]
+    first = calls[0]  # the sampled actions of the first step: only the last gate is free
+    assert (first[:, : g - 1] == 1).all() and (calls[1][:, : g - 1] == 1).all()  # sampled and greedy paths
+    after = model.policy.fc.weight.detach()
+    assert not torch.equal(after[g - 1], before[g - 1])
+    with pytest.raises(ValueError, match="curriculum_epochs"):
+        train_blockdrop_policy(model, x, y, epochs=1, curriculum_epochs=2.0)
 
 
 def test_reinforce_step_moves_skipnet_gates_toward_fewer_blocks():

@@ -16,11 +16,12 @@ from dynaneural.sample_wise.layer_skip.blockdrop import (
     BlockDrop,
     blockdrop_joint_loss,
     blockdrop_reward,
+    curriculum_free_gates,
     train_blockdrop_policy,
 )
 from dynaneural.sample_wise.layer_skip.convnet_aig import ConvNetAIG
 from dynaneural.sample_wise.layer_skip.skipnet import SkipNet, skipnet_hybrid_loss
 
 __all__ = ["BlockDrop", "ConvNetAIG", "LayerSkipNetwork", "LayerSkipOutput", "SkipCosts", "SkipNet",
-           "block_usage_by_class", "blockdrop_joint_loss", "blockdrop_reward", "plot_block_usage",
+           "block_usage_by_class", "blockdrop_joint_loss", "blockdrop_reward", "curriculum_free_gates", "plot_block_usage",
            "skipnet_hybrid_loss", "train_blockdrop_policy"]

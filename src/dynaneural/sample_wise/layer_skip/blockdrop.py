@@ -15,8 +15,14 @@ execute mode knows from the start which rows each block will receive. The policy
 this stage, so each sampled path is run in *execute* mode: training the policy is itself cheaper than running the
 full ResNet. :func:`train_blockdrop_policy` is that loop; :func:`blockdrop_joint_loss` is the objective of the
 paper's optional joint fine-tuning (ResNet by cross-entropy on the sampled paths, policy by REINFORCE with a
-moving-average baseline) for ``engine.train``. The paper's curriculum (learning the policy for the last j blocks
-first) is not implemented: on these 6–12-block ResNets the policy learns without it.
+moving-average baseline) for ``engine.train``.
+
+Curriculum (the paper's Sec. 3.3, ``curriculum_epochs`` of :func:`train_blockdrop_policy`): the policy first
+decides only the last block, every earlier block always runs; the number of blocks it decides grows by one at
+even steps until, after ``curriculum_epochs`` epochs, it decides all K. Forced blocks add nothing to the
+log-probability (``sample_bernoulli(free=...)``) and the greedy baseline is forced the same way. The paper grows
+one block per epoch; here the ramp is spread over a chosen number of epochs (by optimizer step), because the
+policy trains for only a handful of epochs on this CPU.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from dynaneural.policies import Decision, PolicySample, ReinforceLoss, sample_be
 from dynaneural.registry import register_model
 from dynaneural.sample_wise.layer_skip.base import LayerSkipNetwork, LayerSkipOutput, module_flops
 
-__all__ = ["BlockDrop", "BlockDropPolicy", "blockdrop_joint_loss", "blockdrop_reward", "train_blockdrop_policy"]
+__all__ = ["BlockDrop", "BlockDropPolicy", "blockdrop_joint_loss", "blockdrop_reward", "curriculum_free_gates",
+           "train_blockdrop_policy"]
 
 
 class BlockDropPolicy(nn.Module):
@@ -123,15 +130,31 @@ def blockdrop_reward(correct: torch.Tensor, blocks_used: torch.Tensor, num_gates
     return torch.where(correct, 1.0 - used ** 2, torch.full_like(used, -float(penalty)))
 
 
+def curriculum_free_gates(step: int, *, total_steps: int, num_gates: int) -> int:
+    """How many of the last gates the policy decides at ``step`` of a curriculum of ``total_steps`` steps: 1 at
+    the start, one more at each of ``num_gates − 1`` even intervals, ``num_gates`` from ``total_steps`` on."""
+    if total_steps <= 0:
+        return num_gates
+    return min(num_gates, 1 + (step * num_gates) // total_steps)
+
+
 def train_blockdrop_policy(model: BlockDrop, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 5,
                            batch_size: int = 256, lr: float = 1e-3, penalty: float = 5.0, entropy_coef: float = 0.0,
-                           seed: int = 0, log: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+                           curriculum_epochs: float = 0.0, seed: int = 0, log: Callable[[str], None] | None = None
+                           ) -> list[dict[str, float]]:
     """Train the policy with REINFORCE and a self-critical baseline; the ResNet stays frozen.
 
     Each step samples paths from the policy (with exploration α), runs the frozen ResNet on them in **execute**
-    mode (only the chosen blocks are computed), and does the same for the greedy paths (the baseline). Returns one
-    dict per epoch: mean reward, accuracy, blocks used (fraction) and mean probability of "run".
+    mode (only the chosen blocks are computed), and does the same for the greedy paths (the baseline). With
+    ``curriculum_epochs > 0`` the policy decides only the last j blocks, j growing from 1 to K over that many
+    epochs (:func:`curriculum_free_gates`; the others run). Returns one dict per epoch: mean reward, accuracy,
+    blocks used (fraction), mean probability of "run" and the number of gates decided at the epoch's end
+    (``free_gates``).
     """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    if not 0.0 <= curriculum_epochs <= epochs:
+        raise ValueError(f"curriculum_epochs must be in [0, epochs={epochs}], got {curriculum_epochs}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     rl = ReinforceLoss(baseline="self_critical", entropy_coef=entropy_coef)
@@ -141,6 +164,10 @@ def train_blockdrop_policy(model: BlockDrop, x: torch.Tensor, y: torch.Tensor, *
         p.requires_grad_(False)
     g = model.num_gates
     history = []
+    steps_per_epoch = -(-x.shape[0] // batch_size)
+    ramp = round(curriculum_epochs * steps_per_epoch)
+    gate_index = torch.arange(g, device=x.device)
+    step, n_free = 0, g
     try:
         for epoch in range(epochs):
             order = torch.randperm(x.shape[0], generator=gen)
@@ -149,8 +176,11 @@ def train_blockdrop_policy(model: BlockDrop, x: torch.Tensor, y: torch.Tensor, *
                 idx = order[i:i + batch_size]
                 xb, yb = x[idx], y[idx]
                 logits = model.policy(xb)
-                sample = sample_bernoulli(logits, exploration=model.exploration)
-                greedy = (torch.sigmoid(logits) >= 0.5).float()
+                n_free = curriculum_free_gates(step, total_steps=ramp, num_gates=g)
+                free = gate_index >= g - n_free  # the last n_free gates
+                sample = sample_bernoulli(logits, exploration=model.exploration, free=free)
+                greedy = torch.where(free, (torch.sigmoid(logits) >= 0.5).float(), 1.0)
+                step += 1
                 with torch.no_grad():
                     with model.fixed_actions(sample.actions.detach()):
                         right = model(xb, mode=Mode.EXECUTE).logits.argmax(1) == yb
@@ -166,7 +196,8 @@ def train_blockdrop_policy(model: BlockDrop, x: torch.Tensor, y: torch.Tensor, *
                 totals["accuracy"] += float(right.float().sum())
                 totals["blocks"] += float(sample.actions.sum()) / g
                 totals["prob"] += float(torch.sigmoid(logits).detach().mean(1).sum())
-            row = {"epoch": float(epoch + 1), **{k: v / x.shape[0] for k, v in totals.items()}}
+            row = {"epoch": float(epoch + 1), **{k: v / x.shape[0] for k, v in totals.items()},
+                   "free_gates": float(n_free)}
             history.append(row)
             if log is not None:
                 log(f"blockdrop policy epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()))

@@ -13,8 +13,9 @@ How it runs (CPU, no custom extension):
    kw·C contiguous values starting at the flat pixel ``b·H·W + (i·s − p + di)·W + (j·s − p)``; **one**
    ``index_select`` on an overlapping strided view gathers the (N·kh, kw·C) runs, which *are* the
    (N, kh·kw·C) im2col matrix of the active positions, with no copy of the full unfolded input (a full
-   ``unfold`` is 4–5× slower than the dense convolution here) and no padded copy of the input (the few windows
-   that cross the border are re-gathered tap by tap with the outside taps zeroed);
+   ``unfold`` is 4–5× slower than the dense convolution here); the windows that cross the border read a
+   zero-padded copy of the input, or, when they are few, are re-gathered tap by tap with the outside taps
+   zeroed;
 3. one matrix multiply with the weight reordered to (kh·kw·C, C_out), run as a oneDNN 1×1 convolution on a
    channels-last view (shared/FEASIBILITY.md: ~2.4× faster than the MKL ``matmul`` on these CPUs);
 4. the (N, C_out) result rows are scattered (``index_copy``) into the output, or returned as rows so that the
@@ -107,6 +108,12 @@ def _gather_taps(x_nhwc: torch.Tensor, batch: torch.Tensor, row: torch.Tensor, c
     return patches.view(-1, kh * kw * c)
 
 
+# Pad the input once instead of re-gathering the border windows tap by tap when the border windows' taps, times
+# this factor, reach the input's pixel count (measured on the 64-channel 56×56 kernel bench: padding costs ~0.15 ms,
+# the tap-by-tap border path ~0.6 ms at 25 % density; at a few per cent the border path is cheaper).
+_PAD_FACTOR = 8
+
+
 def gather_patches(x_nhwc: torch.Tensor, pos: ActivePositions, *, kernel_size: tuple[int, int] = (3, 3),
                    stride: int = 1, padding: int = 1, dilation: int = 1) -> torch.Tensor:
     """The im2col rows of the active output positions, gathered straight from an NHWC input.
@@ -114,10 +121,11 @@ def gather_patches(x_nhwc: torch.Tensor, pos: ActivePositions, *, kernel_size: t
     With ``dilation == 1`` (the usual case) the kw neighbouring pixels of one kernel row are adjacent in NHWC
     memory, so each active position gathers ``kh`` *runs* of ``kw·C`` contiguous values through an overlapping
     strided view: one ``index_select`` of ``N·kh`` rows, a third of the indices and three times longer copies
-    than a per-pixel gather. The zero padding is never materialised: positions whose window crosses the border
-    (a thin frame of the image) gather a clamped run and are then re-gathered tap by tap, with the taps outside
-    the image zeroed, and written over their rows. With dilation every position is gathered tap by tap. Either
-    way the cost is proportional to the active positions, not to the input size.
+    than a per-pixel gather. Windows that cross the border (a thin frame of the image) need the zero padding.
+    When few do (low density), the padding is never materialised: they gather a clamped run and are then
+    re-gathered tap by tap, with the taps outside the image zeroed, and written over their rows; the cost is
+    then proportional to the active positions only. When many do, one zero-padded copy of the input is made
+    and every window is a plain run (``_PAD_FACTOR``). With dilation every position is gathered tap by tap.
 
     Only the rows of taps that are read need to hold valid values (the residual blocks gather from a buffer
     written at the dilated mask only).
@@ -138,15 +146,22 @@ def gather_patches(x_nhwc: torch.Tensor, pos: ActivePositions, *, kernel_size: t
     dev = x_nhwc.device
     r0 = pos.row * stride - padding  # (N,) first input row / column of each window
     q0 = pos.col * stride - padding
+    border = None
+    if padding > 0:
+        border = ((r0 < 0) | (r0 + kh > h) | (q0 < 0) | (q0 + kw > w)).nonzero().squeeze(1)
+        if border.numel() * kh * kw * _PAD_FACTOR >= b * h * w:
+            # Many windows cross the border: one zero-padded copy of the input (a cost in proportion to the
+            # input, ~a sixth of the gather at 25 % density) is cheaper than re-gathering them tap by tap.
+            x_nhwc = F.pad(x_nhwc, (0, 0, padding, padding, padding, padding))
+            h, w = h + 2 * padding, w + 2 * padding
+            r0, q0, border = r0 + padding, q0 + padding, None
     r = r0[:, None] + torch.arange(kh, device=dev)[None, :]  # (N, kh)
     start = (pos.batch * (h * w))[:, None] + r.clamp(0, h - 1) * w + q0.clamp(0, w - kw)[:, None]
     runs = x_nhwc.reshape(-1).as_strided((b * h * w - (kw - 1), kw * c), (c, 1))  # row k: pixels k .. k+kw-1
     patches = runs.index_select(0, start.reshape(-1)).view(pos.count, kh * kw * c)
-    if padding > 0:
-        border = ((r0 < 0) | (r0 + kh > h) | (q0 < 0) | (q0 + kw > w)).nonzero().squeeze(1)
-        if border.numel():
-            patches.index_copy_(0, border, _gather_taps(x_nhwc, pos.batch[border], pos.row[border],
-                                                        pos.col[border], **opts))
+    if border is not None and border.numel():
+        patches.index_copy_(0, border, _gather_taps(x_nhwc, pos.batch[border], pos.row[border],
+                                                    pos.col[border], **opts))
     return patches
 
 
