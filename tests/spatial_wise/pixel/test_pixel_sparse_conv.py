@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dynaneural.spatial_wise.pixel.sparse_conv as sparse_conv_module
 from dynaneural.spatial_wise.pixel._resnet import BasicBlock
 from dynaneural.spatial_wise.pixel.sbnet import block_sparse_conv2d, tile_mask_to_pixels
 from dynaneural.spatial_wise.pixel.sparse_conv import ActivePositions, SparseConv2d, dilate_mask, sparse_conv2d
@@ -11,7 +12,11 @@ from dynaneural.spatial_wise.pixel.sparse_conv import ActivePositions, SparseCon
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 0, 1), (3, 1, 2, 2),
                                                             (3, 2, 2, 1), (1, 1, 0, 1), (1, 2, 0, 1), (5, 1, 2, 1)])
-def test_sparse_conv_equals_dense_at_active_positions(kernel, stride, padding, dilation):
+@pytest.mark.parametrize("pad_factor", [0, 10**9], ids=["border-taps", "padded-copy"])
+def test_sparse_conv_equals_dense_at_active_positions(kernel, stride, padding, dilation, pad_factor, monkeypatch):
+    """Both ways of handling the windows that cross the border: one padded copy of the input, or re-gathering
+    those windows tap by tap (the choice depends on how many there are; forced here)."""
+    monkeypatch.setattr(sparse_conv_module, "_PAD_FACTOR", pad_factor)
     g = torch.Generator().manual_seed(kernel * 100 + stride * 10 + padding)
     x = torch.randn(3, 5, 11, 9, generator=g, dtype=torch.float64)
     w = torch.randn(7, 5, kernel, kernel, generator=g, dtype=torch.float64)
