@@ -20,6 +20,7 @@ import argparse
 import copy
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,8 +126,43 @@ def _train(model: torch.nn.Module, recipe: Any, data: Any, *, epochs: int, lr: f
     model.eval()
 
 
-def run_resnet_bench(recipe: Any, *, data_dir: str | None = None, log: Any = print) -> dict[str, Any]:
-    """Train static → fine-tune DynConv, calibrate, evaluate and time; returns ``{rows, meta}``."""
+def layer_skip_state_to_pixel_resnet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a ``layers.resnet.CifarResNet`` state dict (blocks' ``conv1.0`` / ``conv1.1`` = conv / BN) to the
+    pixel-level ResNet's keys (``conv1`` / ``bn1``): the same network, so the layer-skip benches' cached backbone
+    can initialise the spatially gated ResNets."""
+    out = {}
+    for k, v in state.items():
+        for i in (1, 2):
+            k = k.replace(f".conv{i}.0.", f".conv{i}.").replace(f".conv{i}.1.", f".bn{i}.")
+        out[k] = v
+    return out
+
+
+def _pretrained_static(static: torch.nn.Module, recipe: Any, data: Any, backbone_train: dict[str, Any], *,
+                       log: Any) -> dict[str, Any]:
+    """Load (or train once and cache) the layer-skip benches' backbone ResNet into ``static``; its metadata."""
+    from dynaneural.sample_wise.layer_skip.bench import pretrained_backbone
+
+    opts = recipe.options
+    arch = dict(opts.get("backbone_arch", {"in_chans": 3, "input_size": 32, "widths": [16, 32, 64],
+                                           "blocks_per_stage": 3}))
+    net, meta = pretrained_backbone(arch, dict(backbone_train), data, dataset=recipe.dataset,
+                                    cache_dir=Path(opts.get("backbone_dir", "runs")), log=log)
+    static.load_state_dict(layer_skip_state_to_pixel_resnet(net.state_dict()))
+    return meta
+
+
+def run_resnet_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | Path | None = None,
+                     log: Any = print) -> dict[str, Any]:
+    """Train static → fine-tune DynConv, calibrate, evaluate and time; returns ``{rows, meta}``.
+
+    With ``options.backbone_train`` the static ResNet is not trained here: the layer-skip benches' cached backbone
+    (trained once with those settings) initialises both the DynConv model and the static control, which then
+    gets the same fine-tuning epochs. With ``out_dir`` the fine-tuned pair is saved there and reused by a re-run
+    (which then only calibrates and times).
+    """
+    from safetensors.torch import load_file, save_file
+
     from dynaneural.bench.rows import SpeedupRow, time_against_static
     from dynaneural.calibration import calibrate_knob
     from dynaneural.data import load_dataset
@@ -138,15 +174,31 @@ def run_resnet_bench(recipe: Any, *, data_dir: str | None = None, log: Any = pri
     data = load_dataset(recipe.dataset, data_dir=data_dir, **recipe.data)
     torch.manual_seed(int(recipe.train.get("seed", 0)))
     t0 = time.perf_counter()
-    model = create_model(recipe.model, **recipe.model_kwargs)
+    model = create_model(recipe.model, seed=int(recipe.train.get("seed", 0)), **recipe.model_kwargs)
     static = model.to_static()
-    _train(static, recipe, data, epochs=int(recipe.train.get("epochs", 3)))
-    log(f"static pre-training done ({time.perf_counter() - t0:.0f} s)")
-    model.load_static(static)
-    ft_lr = float(opts.get("finetune_lr", recipe.train.get("lr", 0.05)))
-    _train(model, recipe, data, epochs=finetune, lr=ft_lr)
-    _train(static, recipe, data, epochs=finetune, lr=ft_lr)  # the static twin gets the same extra epochs
-    log(f"fine-tuning done ({time.perf_counter() - t0:.0f} s)")
+    backbone_meta: dict[str, Any] = {}
+    cache = Path(out_dir) / f"{recipe.name}.safetensors" if out_dir is not None else None
+    if cache is not None and cache.is_file():
+        state = load_file(str(cache))
+        model.load_state_dict({k[len("dynamic."):]: v for k, v in state.items() if k.startswith("dynamic.")})
+        static.load_state_dict({k[len("static."):]: v for k, v in state.items() if k.startswith("static.")})
+        log(f"loaded the fine-tuned model and static control from {cache}")
+    else:
+        if opts.get("backbone_train"):
+            backbone_meta = _pretrained_static(static, recipe, data, opts["backbone_train"], log=log)
+        else:
+            _train(static, recipe, data, epochs=int(recipe.train.get("epochs", 3)))
+            log(f"static pre-training done ({time.perf_counter() - t0:.0f} s)")
+        model.load_static(static)
+        ft_lr = float(opts.get("finetune_lr", recipe.train.get("lr", 0.05)))
+        _train(model, recipe, data, epochs=finetune, lr=ft_lr)
+        _train(static, recipe, data, epochs=finetune, lr=ft_lr)  # the static twin gets the same extra epochs
+        log(f"fine-tuning done ({time.perf_counter() - t0:.0f} s)")
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            state = {**{f"dynamic.{k}": v for k, v in model.state_dict().items()},
+                     **{f"static.{k}": v for k, v in static.state_dict().items()}}
+            save_file({k: v.contiguous() for k, v in state.items()}, str(cache))
     static.eval()
     static_acc = evaluate(static, data.test_x, data.test_y).accuracy
     static_flops = model.static_total
@@ -195,6 +247,7 @@ def run_resnet_bench(recipe: Any, *, data_dir: str | None = None, log: Any = pri
     meta = {"part": "resnet", "recipe": recipe.name, "dataset": recipe.dataset, "model": recipe.model,
             "train_samples": int(data.train_x.shape[0]), "static_accuracy": static_acc, "static_flops": static_flops,
             "pretrain_epochs": int(recipe.train.get("epochs", 3)), "finetune_epochs": finetune,
+            "backbone": backbone_meta or None,
             "trained_active_fraction_of_flops": trained_fraction, "seconds": time.perf_counter() - t0}
     return {"rows": rows, "meta": meta}
 
@@ -215,7 +268,7 @@ def cmd_bench_spatial(args: argparse.Namespace) -> int:
         meta["kernel"] = res["meta"]
     if args.part in ("resnet", "all"):
         recipe = _recipe(args)
-        res = run_resnet_bench(recipe, data_dir=args.data_dir)
+        res = run_resnet_bench(recipe, data_dir=args.data_dir, out_dir=args.out)
         rows += res["rows"]
         meta["resnet"] = res["meta"]
     print(format_rows(rows))
@@ -239,6 +292,7 @@ def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
     p.add_argument("--repeats", type=int, default=15, help="kernel part: interleaved repeats")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: as is)")
     p.add_argument("--json", default=None, help="write the rows here (e.g. benchmarks/spatial_pixel.json)")
+    p.add_argument("--out", default=None, help="resnet part: keep the fine-tuned models here; a re-run reuses them")
     data_opts(p)
     common(p)
     p.set_defaults(fn=cmd_bench_spatial)
