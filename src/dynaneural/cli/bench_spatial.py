@@ -26,7 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["crossover_density", "register", "run_kernel_bench", "run_resnet_bench"]
+__all__ = ["crossover_density", "exact_mask", "layer_skip_state_to_pixel_resnet", "register", "run_kernel_bench",
+           "run_resnet_bench"]
 
 
 def crossover_density(densities: list[float], speedups: list[float]) -> float:
@@ -38,14 +39,30 @@ def crossover_density(densities: list[float], speedups: list[float]) -> float:
     return math.nan if pts and pts[-1][1] < 1.0 or not pts else 1.0
 
 
+def exact_mask(b: int, cells: int, density: float, g: torch.Generator) -> torch.Tensor:
+    """(b, cells) bool with exactly ``round(density · cells)`` cells on per sample, at uniformly random places: the
+    benchmarked density is then the stated one, not a Bernoulli draw around it."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    k = round(density * cells)
+    rank = torch.rand(b, cells, generator=g).argsort(1).argsort(1)  # a random permutation per sample
+    return rank < k
+
+
 def _tile_mask(b: int, size: int, block: int, density: float, g: torch.Generator) -> torch.Tensor:
     t = -(-size // block)
-    return torch.rand(b, t, t, generator=g) < density
+    return exact_mask(b, t * t, density, g).view(b, t, t)
 
 
 def run_kernel_bench(*, batch: int = 8, channels: int = 64, size: int = 56, densities: tuple[float, ...] = (
-        0.1, 0.25, 0.5, 0.75), block: int = 8, repeats: int = 15, log: Any = print) -> dict[str, Any]:
-    """Time sparse and block-sparse 3×3 convolutions against the dense one; returns ``{rows, meta}``."""
+        0.1, 0.25, 0.5, 0.75), block: int | tuple[int, ...] = 8, repeats: int = 15, log: Any = print
+                     ) -> dict[str, Any]:
+    """Time sparse and block-sparse 3×3 convolutions against the dense one; returns ``{rows, meta}``.
+
+    Per-pixel masks have exactly ``density`` of the positions of each sample on, at random places (the hardest
+    case: no two active positions need to share a neighbourhood); tile masks exactly ``density`` of the
+    ``block × block`` tiles (one row per tile size in ``block``)."""
+    blocks = (block,) if isinstance(block, int) else tuple(block)
     from dynaneural.bench.rows import SpeedupRow
     from dynaneural.bench.timing import compare
     from dynaneural.spatial_wise.pixel.sbnet import block_sparse_conv2d, tile_mask_to_pixels
@@ -59,20 +76,22 @@ def run_kernel_bench(*, batch: int = 8, channels: int = 64, size: int = 56, dens
     rows: list[SpeedupRow] = []
     with torch.inference_mode():
         for d in densities:
-            pix = torch.rand(batch, size, size, generator=g) < d
-            tiles = _tile_mask(batch, size, block, d, g)
+            pix = exact_mask(batch, size * size, d, g).view(batch, size, size)
             # exactness check on the timed inputs: the sparse result equals the dense one at active positions
             ref = F.conv2d(x, w, bias, padding=1)
             err = float((sparse_conv2d(x, w, bias, pix, padding=1) - ref * pix[:, None]).abs().max())
-            tile_pix = tile_mask_to_pixels(tiles, block, size, size)
-            err_t = float((block_sparse_conv2d(x, w, bias, tiles, block=block) - ref * tile_pix[:, None]).abs().max())
-            for method, mask, fn, e in (
-                    ("sparse_conv3x3", pix, lambda m=pix: sparse_conv2d(x, w, bias, m, padding=1), err),
-                    ("sbnet_conv3x3", tile_pix, lambda t=tiles: block_sparse_conv2d(x, w, bias, t, block=block), err_t)):
+            cases = [("sparse_conv3x3", 1, pix, lambda m=pix: sparse_conv2d(x, w, bias, m, padding=1), err)]
+            for bl in blocks:
+                tiles = _tile_mask(batch, size, bl, d, g)
+                tile_pix = tile_mask_to_pixels(tiles, bl, size, size)
+                err_t = float((block_sparse_conv2d(x, w, bias, tiles, block=bl) - ref * tile_pix[:, None]).abs().max())
+                cases.append(("sbnet_conv3x3", bl, tile_pix,
+                              lambda t=tiles, bl=bl: block_sparse_conv2d(x, w, bias, t, block=bl), err_t))
+            for method, tile, mask, fn, e in cases:
                 active = float(mask.float().mean())
                 cmp = compare(lambda: F.conv2d(x, w, bias, padding=1), fn, repeats=repeats, warmup=3)
                 # SBNet computes the halo of every tile too: its FLOPs are (block + 2)² per block² outputs
-                flops = dense_flops * active * ((block + 2) ** 2 / block ** 2 if method == "sbnet_conv3x3" else 1.0)
+                flops = dense_flops * active * ((tile + 2) ** 2 / tile ** 2 if method == "sbnet_conv3x3" else 1.0)
                 row = SpeedupRow(method=method, batch_size=batch, accuracy=math.nan, mean_flops=flops,
                                  static_flops=dense_flops, theoretical_speedup=dense_flops / flops,
                                  realized_speedup=cmp.speedup,
@@ -81,16 +100,18 @@ def run_kernel_bench(*, batch: int = 8, channels: int = 64, size: int = 56, dens
                                  dynamic_ms_per_sample=cmp.candidate_s * 1e3 / batch, timed_samples=batch,
                                  budget=d, unit="density", achieved_budget=active,
                                  extra={"density": active, "channels": channels, "size": size, "stride": 1,
-                                        "tile": block if method == "sbnet_conv3x3" else 1,
+                                        "tile": tile,
                                         "max_abs_error_vs_dense": e})
                 rows.append(row)
-                log(f"{method:15s} density {active:.3f}: realized {cmp.speedup:.2f}x (theory {dense_flops / flops:.2f}x)"
+                name = method if tile == 1 else f"{method} tile {tile}"
+                log(f"{name:22s} density {active:.3f}: realized {cmp.speedup:.2f}x (theory {dense_flops / flops:.2f}x)"
                     f", dense {cmp.baseline_s * 1e3:.2f} ms, sparse {cmp.candidate_s * 1e3:.2f} ms")
-    meta = {"part": "kernel", "batch": batch, "channels": channels, "size": size, "threads": torch.get_num_threads()}
-    for method in ("sparse_conv3x3", "sbnet_conv3x3"):
-        rs = [r for r in rows if r.method == method]
-        meta[f"crossover_density_{method}"] = crossover_density([r.achieved_budget for r in rs],
-                                                                [r.realized_speedup for r in rs])
+    meta = {"part": "kernel", "batch": batch, "channels": channels, "size": size, "threads": torch.get_num_threads(),
+            "masks": "exact count per sample, random places"}
+    for method, tile in [("sparse_conv3x3", 1)] + [("sbnet_conv3x3", bl) for bl in blocks]:
+        rs = [r for r in rows if r.method == method and r.extra["tile"] == tile]
+        key = f"crossover_density_{method}" + ("" if tile == 1 else f"_tile{tile}")
+        meta[key] = crossover_density([r.achieved_budget for r in rs], [r.realized_speedup for r in rs])
     return {"rows": rows, "meta": meta}
 
 
@@ -263,7 +284,7 @@ def cmd_bench_spatial(args: argparse.Namespace) -> int:
     meta: dict[str, Any] = {}
     if args.part in ("kernel", "all"):
         res = run_kernel_bench(batch=args.batch, channels=args.channels, size=args.size,
-                               densities=tuple(args.densities), repeats=args.repeats)
+                               densities=tuple(args.densities), block=tuple(args.tiles), repeats=args.repeats)
         rows += res["rows"]
         meta["kernel"] = res["meta"]
     if args.part in ("resnet", "all"):
@@ -290,6 +311,7 @@ def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
     p.add_argument("--size", type=int, default=56, help="kernel part: map height = width")
     p.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75])
     p.add_argument("--repeats", type=int, default=15, help="kernel part: interleaved repeats")
+    p.add_argument("--tiles", type=int, nargs="+", default=[8], help="kernel part: SBNet tile sizes")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: as is)")
     p.add_argument("--json", default=None, help="write the rows here (e.g. benchmarks/spatial_pixel.json)")
     p.add_argument("--out", default=None, help="resnet part: keep the fine-tuned models here; a re-run reuses them")

@@ -2,10 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
 import dynaneural as dn
-from dynaneural.cli.bench_spatial import crossover_density, run_kernel_bench
+from dynaneural.cli.bench_spatial import crossover_density, exact_mask, run_kernel_bench
 from dynaneural.cli.cmd_visualize import available_kinds
 from dynaneural.spatial_wise.pixel.visualize import mask_overlay, visualize_pixel_masks
 
@@ -33,8 +34,21 @@ def test_crossover_density():
 
 
 def test_kernel_bench_rows_are_exact_and_complete():
-    res = run_kernel_bench(batch=2, channels=8, size=16, densities=(0.25,), block=4, repeats=1, log=lambda *a: None)
+    res = run_kernel_bench(batch=2, channels=8, size=16, densities=(0.25,), block=(4, 8), repeats=1,
+                           log=lambda *a: None)
     rows = [r.to_dict() for r in res["rows"]]
-    assert {r["method"] for r in rows} == {"sparse_conv3x3", "sbnet_conv3x3"}
+    assert [(r["method"], r["tile"]) for r in rows] == [("sparse_conv3x3", 1), ("sbnet_conv3x3", 4),
+                                                        ("sbnet_conv3x3", 8)]
     for r in rows:
         assert r["max_abs_error_vs_dense"] < 1e-4 and r["realized_speedup"] > 0 and r["static_flops"] > r["mean_flops"]
+        assert r["density"] == 0.25  # exact-count masks: 64 of 256 pixels, 4 of 16 or 1 of 4 tiles
+    assert {"crossover_density_sparse_conv3x3", "crossover_density_sbnet_conv3x3_tile4",
+            "crossover_density_sbnet_conv3x3_tile8"} <= set(res["meta"])
+
+
+def test_exact_mask_has_the_stated_count_per_sample_at_different_places():
+    m = exact_mask(3, 50, 0.3, torch.Generator().manual_seed(0))
+    assert m.sum(1).tolist() == [15, 15, 15] and not torch.equal(m[0], m[1])
+    assert exact_mask(2, 10, 0.0, torch.Generator()).sum() == 0 and exact_mask(2, 10, 1.0, torch.Generator()).all()
+    with pytest.raises(ValueError, match="density"):
+        exact_mask(1, 4, 1.5, torch.Generator())
