@@ -62,13 +62,17 @@ def gather_tiles(x_nhwc: torch.Tensor, tiles: ActivePositions, *, block: int, ha
     b, h, w, c = x_nhwc.shape
     size = block + 2 * halo
     r, q = _tile_coords(tiles, block, size, halo)  # (T, S) each
-    index = (tiles.batch[:, None, None] * (h * w) + r.clamp(0, h - 1)[:, :, None] * w
-             + q.clamp(0, w - 1)[:, None, :])  # (T, S, S)
-    patches = x_nhwc.reshape(b * h * w, c).index_select(0, index.reshape(-1))
-    outside = ((r < 0) | (r >= h))[:, :, None] | ((q < 0) | (q >= w))[:, None, :]
-    bad = outside.reshape(-1).nonzero().squeeze(1)
-    if bad.numel():
-        patches.index_fill_(0, bad, 0.0)
+    if halo > 0 or h % block or w % block:
+        # one zero-padded copy of the input (halo on every side, the ragged last tile filled up), after which
+        # each patch row is a run of S·C contiguous values: one index_select of T·S runs
+        ph, pw = -(-h // block) * block + 2 * halo, -(-w // block) * block + 2 * halo
+        xp = F.pad(x_nhwc, (0, 0, halo, pw - w - halo, halo, ph - h - halo))
+        runs = xp.reshape(-1).as_strided((b * ph * pw - (size - 1), size * c), (c, 1))
+        start = tiles.batch[:, None] * (ph * pw) + (r + halo) * pw + (q[:, :1] + halo)  # (T, S)
+        patches = runs.index_select(0, start.reshape(-1))
+    else:
+        index = tiles.batch[:, None, None] * (h * w) + r[:, :, None] * w + q[:, None, :]  # (T, S, S)
+        patches = x_nhwc.reshape(b * h * w, c).index_select(0, index.reshape(-1))
     return patches.view(tiles.count, size, size, c).permute(0, 3, 1, 2)
 
 
