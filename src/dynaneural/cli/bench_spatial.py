@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
@@ -198,7 +200,12 @@ def run_resnet_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str |
     model = create_model(recipe.model, seed=int(recipe.train.get("seed", 0)), **recipe.model_kwargs)
     static = model.to_static()
     backbone_meta: dict[str, Any] = {}
-    cache = Path(out_dir) / f"{recipe.name}.safetensors" if out_dir is not None else None
+    cache = None
+    if out_dir is not None:  # keyed by everything that shapes the fine-tuned pair: a changed recipe retrains
+        key = hashlib.sha256(json.dumps({"model": recipe.model, "kwargs": recipe.model_kwargs, "data": recipe.data,
+                                         "train": recipe.train, "options": opts}, sort_keys=True, default=str
+                                        ).encode()).hexdigest()[:12]
+        cache = Path(out_dir) / f"{recipe.name}-{key}.safetensors"
     if cache is not None and cache.is_file():
         state = load_file(str(cache))
         model.load_state_dict({k[len("dynamic."):]: v for k, v in state.items() if k.startswith("dynamic.")})

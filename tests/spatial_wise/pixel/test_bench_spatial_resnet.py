@@ -1,5 +1,6 @@
 """The spatially gated ResNet bench on a tiny synthetic dataset: started from the layer-skip backbone, cached."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import torch
@@ -73,3 +74,9 @@ def test_resnet_bench_starts_from_the_cached_backbone_and_reuses_its_fine_tuning
     assert not any("training ResNet" in line for line in lines)
     assert again["rows"][0].accuracy == row.accuracy and again["rows"][0].mean_flops == row.mean_flops
     assert again["meta"]["static_accuracy"] == res["meta"]["static_accuracy"]
+    # a changed recipe does not reuse the old fine-tuning
+    changed = dataclasses.replace(recipe, options={**recipe.options, "finetune_lr": 0.001})
+    lines.clear()
+    bench_spatial.run_resnet_bench(changed, out_dir=tmp_path / "out", log=lines.append)
+    assert not any("loaded the fine-tuned model" in line for line in lines)
+    assert any("fine-tuning done" in line for line in lines)
