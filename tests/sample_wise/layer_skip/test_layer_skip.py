@@ -157,6 +157,13 @@ def test_blockdrop_policy_curriculum_keeps_the_early_blocks_on_and_untrained():
     assert (first[:, : g - 1] == 1).all() and (calls[1][:, : g - 1] == 1).all()  # sampled and greedy paths
     after = model.policy.fc.weight.detach()
     assert not torch.equal(after[g - 1], before[g - 1])
+    # one step at the start of the ramp: only the last gate is decided, so only its row of the policy's last layer
+    # moves (Adam on an exactly zero gradient leaves a weight unchanged)
+    fresh = dn.create_model("test_blockdrop", seed=0)
+    w0 = fresh.policy.fc.weight.detach().clone()
+    train_blockdrop_policy(fresh, x, y, epochs=1, batch_size=32, lr=0.1, curriculum_epochs=1.0)
+    w1 = fresh.policy.fc.weight.detach()
+    assert torch.equal(w1[: g - 1], w0[: g - 1]) and not torch.equal(w1[g - 1], w0[g - 1])
     with pytest.raises(ValueError, match="curriculum_epochs"):
         train_blockdrop_policy(model, x, y, epochs=1, curriculum_epochs=2.0)
 
