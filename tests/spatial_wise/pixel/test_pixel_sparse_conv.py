@@ -100,3 +100,18 @@ def test_block_sparse_conv_equals_dense_on_active_tiles(h, w, block):
     out = block_sparse_conv2d(x, wt, b, tiles, block=block)
     ref = F.conv2d(x, wt, b, padding=1) * tile_mask_to_pixels(tiles, block, h, w)[:, None]
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("h,w,block,halo", [(8, 8, 4, 1), (9, 11, 4, 2), (6, 6, 2, 0)])
+def test_gather_tiles_equals_slices_of_the_zero_padded_map(h, w, block, halo):
+    from dynaneural.spatial_wise.pixel.sbnet import gather_tiles
+    from dynaneural.spatial_wise.pixel.sparse_conv import ActivePositions, nhwc
+
+    g = torch.Generator().manual_seed(h + w + halo)
+    x = torch.randn(2, 3, h, w, generator=g, dtype=torch.float64)
+    tiles = ActivePositions.from_mask(torch.rand(2, -(-h // block), -(-w // block), generator=g) < 0.6)
+    size = block + 2 * halo
+    padded = F.pad(x, (halo, size + block, halo, size + block))  # room for a ragged last tile's patch
+    ref = torch.stack([padded[b, :, i * block:i * block + size, j * block:j * block + size]
+                       for b, i, j in zip(tiles.batch.tolist(), tiles.row.tolist(), tiles.col.tolist(), strict=True)])
+    torch.testing.assert_close(gather_tiles(nhwc(x), tiles, block=block, halo=halo), ref, rtol=0, atol=0)

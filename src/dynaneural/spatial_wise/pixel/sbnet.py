@@ -51,6 +51,12 @@ def _tile_coords(tiles: ActivePositions, block: int, size: int, halo: int) -> tu
 def gather_tiles(x_nhwc: torch.Tensor, tiles: ActivePositions, *, block: int, halo: int) -> torch.Tensor:
     """SBNet's sparse gather: active tiles with their halo as a batch of patches.
 
+    One ``index_select`` of the T·S·S pixel rows (C contiguous values each) at clamped coordinates, then the rows
+    that fall outside the image (the halo at the border, a ragged last tile) are zeroed in place. The input is
+    never padded: a zero-padded copy costs a fill and a copy of the *whole* feature map (~0.35 ms of 3.5 ms for
+    the kernel bench's 64 × 8 × 56 × 56 map at 25 % of the tiles), whereas this costs in proportion to the active
+    tiles only.
+
     Args:
         x_nhwc: (B, H, W, C) contiguous feature map.
         tiles: active positions of the tile grid (B, Th, Tw).
@@ -62,17 +68,13 @@ def gather_tiles(x_nhwc: torch.Tensor, tiles: ActivePositions, *, block: int, ha
     b, h, w, c = x_nhwc.shape
     size = block + 2 * halo
     r, q = _tile_coords(tiles, block, size, halo)  # (T, S) each
+    index = tiles.batch[:, None, None] * (h * w) + r.clamp(0, h - 1)[:, :, None] * w + q.clamp(0, w - 1)[:, None, :]
+    patches = x_nhwc.reshape(b * h * w, c).index_select(0, index.reshape(-1))  # (T·S·S, C)
     if halo > 0 or h % block or w % block:
-        # one zero-padded copy of the input (halo on every side, the ragged last tile filled up), after which
-        # each patch row is a run of S·C contiguous values: one index_select of T·S runs
-        ph, pw = -(-h // block) * block + 2 * halo, -(-w // block) * block + 2 * halo
-        xp = F.pad(x_nhwc, (0, 0, halo, pw - w - halo, halo, ph - h - halo))
-        runs = xp.reshape(-1).as_strided((b * ph * pw - (size - 1), size * c), (c, 1))
-        start = tiles.batch[:, None] * (ph * pw) + (r + halo) * pw + (q[:, :1] + halo)  # (T, S)
-        patches = runs.index_select(0, start.reshape(-1))
-    else:
-        index = tiles.batch[:, None, None] * (h * w) + r[:, :, None] * w + q[:, None, :]  # (T, S, S)
-        patches = x_nhwc.reshape(b * h * w, c).index_select(0, index.reshape(-1))
+        outside = ((r < 0) | (r >= h))[:, :, None] | ((q < 0) | (q >= w))[:, None, :]  # (T, S, S)
+        bad = outside.reshape(-1).nonzero().squeeze(1)
+        if bad.numel():
+            patches.index_fill_(0, bad, 0.0)
     return patches.view(tiles.count, size, size, c).permute(0, 3, 1, 2)
 
 
