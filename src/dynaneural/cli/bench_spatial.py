@@ -175,6 +175,11 @@ def _pretrained_static(static: torch.nn.Module, recipe: Any, data: Any, backbone
     return meta
 
 
+# Options that act after training (calibration, evaluation): left out of the fine-tuned pair's cache key, so that
+# changing them re-uses the cached training.
+_POST_TRAINING_OPTIONS = frozenset({"recalibrate_bn_samples"})
+
+
 def run_resnet_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | Path | None = None,
                      log: Any = print) -> dict[str, Any]:
     """Train static → fine-tune DynConv, calibrate, evaluate and time; returns ``{rows, meta}``.
@@ -189,7 +194,7 @@ def run_resnet_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str |
     from dynaneural.bench.rows import SpeedupRow, time_against_static
     from dynaneural.calibration import calibrate_knob
     from dynaneural.data import load_dataset
-    from dynaneural.engine import evaluate
+    from dynaneural.engine import evaluate, recalibrate_batch_norm
     from dynaneural.registry import create_model
 
     opts = recipe.options
@@ -202,8 +207,9 @@ def run_resnet_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str |
     backbone_meta: dict[str, Any] = {}
     cache = None
     if out_dir is not None:  # keyed by everything that shapes the fine-tuned pair: a changed recipe retrains
+        train_opts = {k: v for k, v in opts.items() if k not in _POST_TRAINING_OPTIONS}
         key = hashlib.sha256(json.dumps({"model": recipe.model, "kwargs": recipe.model_kwargs, "data": recipe.data,
-                                         "train": recipe.train, "options": opts}, sort_keys=True, default=str
+                                         "train": recipe.train, "options": train_opts}, sort_keys=True, default=str
                                         ).encode()).hexdigest()[:12]
         cache = Path(out_dir) / f"{recipe.name}-{key}.safetensors"
     if cache is not None and cache.is_file():
@@ -248,13 +254,34 @@ def run_resnet_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str |
     rows: list[SpeedupRow] = []
     trained_fraction = mean_fraction(model.cfg.threshold)
     log(f"static test accuracy {static_acc:.4f}; DynConv at threshold 0.5: {trained_fraction:.3f} of the FLOPs")
+    recal_n = int(opts.get("recalibrate_bn_samples", 0))
+    fine_tuned = {k: v.clone() for k, v in model.state_dict().items()}
     for budget in recipe.calibration.budgets:
+        model.load_state_dict(fine_tuned)  # each budget re-estimates its own statistics from the fine-tuned state
+
+        def fit_threshold(budget: float = float(budget)) -> Any:
+            return calibrate_knob(mean_cost=mean_fraction, set_knob=set_thr, budget=budget, lo=0.0, hi=1.0,
+                                  tol=0.01, iters=12, current=model.threshold)
         try:
-            cal = calibrate_knob(mean_cost=mean_fraction, set_knob=set_thr, budget=float(budget), lo=0.0, hi=1.0,
-                                 tol=0.01, iters=12, current=model.threshold)
+            cal = fit_threshold()
         except ValueError as e:
             log(f"budget {budget}: not reachable ({e})")
             continue
+        recal: dict[str, Any] = {}
+        if recal_n:
+            # The batch norms were trained under noisy (Gumbel) masks: re-estimate them under this budget's hard
+            # masks, then re-fit the threshold (the features, hence the masks, moved), twice.
+            recal["accuracy_before_bn_recalibration"] = evaluate(model, data.test_x, data.test_y,
+                                                                 mode="execute").accuracy
+            try:
+                for _ in range(2):
+                    recalibrate_batch_norm(model, data.train_x[:recal_n],
+                                           batch_size=int(recipe.train.get("batch_size", 128)))
+                    cal = fit_threshold()
+            except ValueError as e:
+                log(f"budget {budget}: not reachable after batch-norm recalibration ({e})")
+                continue
+            recal["bn_recalibration_samples"] = recal_n
         res = evaluate(model, data.test_x, data.test_y, mode="execute")
         for bs in recipe.bench.batch_sizes:
             n = recipe.bench.timed_samples if bs > 1 else recipe.bench.timed_samples_batch1
@@ -268,7 +295,7 @@ def run_resnet_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str |
                                    budget_error=res.mean_cost / static_flops / float(budget) - 1.0,
                                    static_accuracy=static_acc, **t,
                                    extra={"threshold": cal.knob, "flops_reduction": 1.0 - res.mean_cost / static_flops,
-                                          "model": recipe.model}))
+                                          "model": recipe.model, **recal}))
             log(f"budget {budget} batch {bs}: acc {res.accuracy:.4f} (static {static_acc:.4f}), "
                 f"{100 * (1 - res.mean_cost / static_flops):.1f}% fewer FLOPs, realized {t['realized_speedup']:.2f}x"
                 f" / theory {theo:.2f}x")

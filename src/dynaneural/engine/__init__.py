@@ -1,5 +1,6 @@
 """Training, evaluation and checkpoints: ``train``, ``evaluate``, ``save_model`` / ``load_model``."""
 
+from dynaneural.engine.batch_norm import BatchNormRecalibration, recalibrate_batch_norm
 from dynaneural.engine.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
@@ -23,6 +24,7 @@ from dynaneural.engine.trainer import (
 )
 
 __all__ = [
+    "BatchNormRecalibration",
     "CHECKPOINT_NAME",
     "FORMAT_VERSION",
     "CheckpointError",
@@ -38,6 +40,7 @@ __all__ = [
     "load_training_state",
     "load_weights",
     "read_checkpoint",
+    "recalibrate_batch_norm",
     "save_model",
     "train",
 ]

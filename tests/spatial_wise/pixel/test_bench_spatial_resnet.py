@@ -80,3 +80,12 @@ def test_resnet_bench_starts_from_the_cached_backbone_and_reuses_its_fine_tuning
     bench_spatial.run_resnet_bench(changed, out_dir=tmp_path / "out", log=lines.append)
     assert not any("loaded the fine-tuned model" in line for line in lines)
     assert any("fine-tuning done" in line for line in lines)
+    # batch-norm recalibration acts after training: the cached fine-tuning is reused, the budget still fitted
+    recal = dataclasses.replace(recipe, options={**recipe.options, "recalibrate_bn_samples": 64})
+    lines.clear()
+    out = bench_spatial.run_resnet_bench(recal, out_dir=tmp_path / "out", log=lines.append)
+    assert any("loaded the fine-tuned model" in line for line in lines)
+    r = out["rows"][0]
+    assert r.extra["bn_recalibration_samples"] == 64
+    assert 0.0 <= r.extra["accuracy_before_bn_recalibration"] <= 1.0
+    assert r.mean_flops < r.static_flops
