@@ -50,6 +50,25 @@ def test_dynconv_budget_loss_trains_the_gates():
     assert all(g.weight.grad is not None and g.weight.grad.abs().sum() > 0 for g in model.gates)
 
 
+def test_dynconv_straight_through_trains_on_the_inference_masks():
+    import pytest
+
+    cfg = dict(in_chans=3, input_size=8, widths=(8, 16), depths=(2, 1), strides=(1, 2))
+    torch.manual_seed(0)
+    model = DynConvResNet(DynConvConfig(**cfg, relaxation="straight_through", threshold=0.45)).eval()
+    x = _x(model, 8)
+    out = model(x, mode="train")  # BN in eval: the train forward must be exactly the simulate forward
+    with torch.no_grad():
+        sim = model(x, mode="simulate")
+    torch.testing.assert_close(out.logits, sim.logits)
+    for m_train, m_sim in zip(out.masks, sim.masks, strict=True):
+        assert torch.equal(m_train, m_sim)
+    (out.logits.sum() + out.aux_losses["budget"]).backward()
+    assert all(g.weight.grad is not None and g.weight.grad.abs().sum() > 0 for g in model.gates)
+    with pytest.raises(ValueError, match="relaxation"):
+        DynConvConfig(**cfg, relaxation="reinforce")
+
+
 def test_dynconv_from_static_and_training_progress():
     model = DynConvResNet(DynConvConfig(in_chans=3, input_size=8, widths=(8,), depths=(2,), strides=(1,),
                                         tau_start=2.0, tau_end=0.5))

@@ -8,7 +8,9 @@ Every gated residual block predicts a mask over its output positions with a 1×1
 ``y = relu(shortcut(x) + m ⊙ F(x))``. Modes:
 
 * ``train`` — ``m`` is a straight-through Gumbel-sigmoid sample (``policies.gumbel_sigmoid``, τ from a
-  schedule; the paper keeps τ = 1); everything is computed and multiplied by ``m``; the *sparsity loss* pulls the
+  schedule; the paper keeps τ = 1), or with ``relaxation="straight_through"`` the deterministic inference mask
+  with sigmoid gradients (our option: noisy training masks leave batch-norm statistics and weights fitted to masks
+  inference never runs); everything is computed and multiplied by ``m``; the *sparsity loss* pulls the
   network's expected FLOPs — with DynConv's mask dilation for the first convolution, by max-pooling the relaxed
   mask — to a target fraction (``policies.BudgetLoss``, the paper's network-level term);
 * ``simulate`` — hard masks ``sigmoid(logit) >= threshold``, everything computed, masked (the reference);
@@ -64,6 +66,10 @@ class DynConvConfig:
     tau_start, tau_end: Gumbel temperature schedule (exponential) over training.
     threshold: inference gate threshold on sigmoid(logit) (the calibration knob).
     gate_bias: initial gate bias (positive: start with most positions on, as from a pretrained network).
+    relaxation: how train mode relaxes the gates: ``gumbel`` (the paper: straight-through Gumbel-sigmoid, so
+        training masks are noisy) or ``straight_through`` (the deterministic inference mask at ``threshold`` in the
+        forward pass, sigmoid gradients: training runs exactly the masks inference will run, and the sparsity
+        loss acts on those decisions).
     """
 
     in_chans: int = 3
@@ -79,8 +85,11 @@ class DynConvConfig:
     tau_end: float = 1.0
     threshold: float = 0.5
     gate_bias: float = 0.0
+    relaxation: str = "gumbel"
 
     def __post_init__(self) -> None:
+        if self.relaxation not in ("gumbel", "straight_through"):
+            raise ValueError(f"relaxation must be 'gumbel' or 'straight_through', got {self.relaxation!r}")
         if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget}")
         if not 0.0 <= self.threshold <= 1.0:
@@ -150,7 +159,8 @@ class DynConvResNet(AllOnFlag, DynamicModel):
         """Gate and run gated block ``i``: (output, hard pixel mask (B, H, W), per-sample FLOPs charged (B,),
         differentiable expected FLOPs (B,) in train mode else None)."""
         blk = self.net.blocks[i]
-        d = binary_decision(self.gates[i](h)[:, 0], training=mode is Mode.TRAIN, relaxation="gumbel", tau=self.tau,
+        d = binary_decision(self.gates[i](h)[:, 0], training=mode is Mode.TRAIN, relaxation=self.cfg.relaxation,
+                            tau=self.tau,
                             threshold=self.threshold)  # (B, H_out, W_out)
         if mode is Mode.EXECUTE:
             out = blk.masked_execute(h, d.hard, inplace=True)
@@ -201,10 +211,11 @@ def _make(defaults: dict, overrides: dict) -> DynConvResNet:
 
 @register_model
 def dynconv_resnet20_cifar(*, num_classes: int = 10, budget: float = 0.5, budget_weight: float = 10.0,
-                           threshold: float = 0.5, gate_bias: float = 0.0) -> DynConvResNet:
+                           threshold: float = 0.5, gate_bias: float = 0.0, relaxation: str = "gumbel"
+                           ) -> DynConvResNet:
     """ResNet-20 (16, 32, 64 channels; 3 blocks per stage) on 3×32×32, every block gated (≈41 MFLOPs dense)."""
     return _make({}, dict(num_classes=num_classes, budget=budget, budget_weight=budget_weight, threshold=threshold,
-                          gate_bias=gate_bias))
+                          gate_bias=gate_bias, relaxation=relaxation))
 
 
 @register_model

@@ -163,7 +163,8 @@ class SBNetResNet(DynConvResNet):
     def _run_block(self, i: int, h: torch.Tensor, mode: Mode
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         blk, s = self.net.blocks[i], self.out_hw[i]
-        d = binary_decision(self.gates[i](h)[:, 0], training=mode is Mode.TRAIN, relaxation="gumbel", tau=self.tau,
+        d = binary_decision(self.gates[i](h)[:, 0], training=mode is Mode.TRAIN, relaxation=self.cfg.relaxation,
+                            tau=self.tau,
                             threshold=self.threshold)  # (B, Th, Tw)
         pixels = tile_mask_to_pixels(d.hard, self.block, s, s)
         if mode is Mode.EXECUTE:
