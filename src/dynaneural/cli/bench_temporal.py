@@ -42,6 +42,8 @@ METHODS: dict[str, dict[str, Any]] = {
 def _work_fraction(out: Any) -> torch.Tensor:
     """(B,) fraction of steps where the model did its main work (updates / tokens read)."""
     d = out.decisions
+    if "read_fraction" in d:  # models that know each text's length: the share of its own tokens read
+        return d["read_fraction"].float()
     key = "updates" if "updates" in d else "read"
     return d[key].float().mean(1)
 
@@ -223,6 +225,13 @@ def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: in
     log(f"SST-2: {data.sizes}, vocabulary {data.vocab_size}, validation: {val_split}")
     model_name = model_name or METHODS[method]["sst2"]
     model = dn.create_model(model_name, seed=seed, vocab_size=data.vocab_size, **(model_kwargs or {}))
+    # the full-reading baseline ends on the last word (left padding); a reader that starts at the text and stops
+    # at its end (early stop) declares right padding: it gets the same splits and vocabulary padded that way
+    base_data = data
+    if getattr(model, "padding_side", "left") != data.padding:
+        data = load_sst2(data_dir=data_dir, train_limit=train_limit, seed=seed, val_split=val_split,  # type: ignore[arg-type]
+                         padding=model.padding_side)
+        log(f"{model_name} reads {data.padding}-padded batches")
     cell = "gru" if method == "skip-gru" else "lstm"
     torch.manual_seed(seed)
     base = StaticRecurrentClassifier(RecurrentBackbone(cell=cell, hidden_size=model.backbone.hidden_size,
@@ -237,12 +246,13 @@ def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: in
         from safetensors.torch import load_file
 
         base.load_state_dict(load_file(str(cache)))
-        base_hist = [{"val_acc": evaluate_text_model(base, data.val_x, data.val_y, data.val_len,
-                                                     padding=data.padding)["accuracy"]}]
+        base_hist = [{"val_acc": evaluate_text_model(base, base_data.val_x, base_data.val_y, base_data.val_len,
+                                                     padding=base_data.padding)["accuracy"]}]
         log(f"loaded the full-reading {cell.upper()} from {cache}")
     else:
         log(f"training the full-reading {cell.upper()} ({epochs} epochs)")
-        base_hist = train_text_model(base, data, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, log=log)
+        base_hist = train_text_model(base, base_data, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
+                                     log=log)
         if cache is not None:
             from safetensors.torch import save_file
 
@@ -250,7 +260,8 @@ def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: in
             save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(cache))
     log(f"training {model_name} ({epochs} epochs)")
     hist = train_text_model(model, data, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, log=log)
-    base_eval = evaluate_text_model(base, data.test_x, data.test_y, data.test_len, padding=data.padding)
+    base_eval = evaluate_text_model(base, base_data.test_x, base_data.test_y, base_data.test_len,
+                                    padding=base_data.padding)
     step, head = model.backbone.step_flops, model.backbone.head_flops
     static_flops = sum(b.shape[0] * (b.shape[1] * step + head) for b in base_eval["batches"]) / len(data.test_y)
     if out_dir is not None:

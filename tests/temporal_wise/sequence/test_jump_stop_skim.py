@@ -58,17 +58,50 @@ def test_early_stop_threshold_extremes():
     model = dn.create_model("test_early_stop_lstm").eval()
     x = _x(model)
     steps = x.shape[1]
-    model.set_threshold(2.0)  # never confident enough: read everything
+    chunk = model.config.chunk
+    lengths = (x != 0).sum(1)  # right-padded texts of random lengths
+    assert lengths.min() < steps
+    model.set_threshold(2.0)  # never confident enough: each sample reads its whole text, and no further
     with torch.inference_mode():
         full = model(x, mode="execute")
-    assert full.decisions["read"].all()
+    assert full.decisions["read"].sum(1).tolist() == lengths.tolist()
+    assert full.decisions["read_fraction"].tolist() == [1.0] * x.shape[0]
+    bb = model.backbone
+    chunks = (lengths + chunk - 1) // chunk  # one classifier evaluation per chunk read
+    torch.testing.assert_close(full.cost, (lengths * bb.step_flops + chunks * bb.head_flops).double())
     model.set_threshold(0.0)  # always confident: stop after the first chunk
     with torch.inference_mode():
         first = model(x, mode="execute")
-    assert first.decisions["read"].sum(1).tolist() == [model.config.chunk] * x.shape[0]
-    bb = model.backbone
-    assert first.cost.tolist() == [model.config.chunk * bb.step_flops + bb.head_flops] * x.shape[0]
-    assert full.cost[0] == steps * bb.step_flops + (steps // model.config.chunk) * bb.head_flops
+    first_read = lengths.clamp(max=chunk)
+    assert first.decisions["read"].sum(1).tolist() == first_read.tolist()
+    torch.testing.assert_close(first.cost, (first_read * bb.step_flops + bb.head_flops).double())
+
+
+def test_early_stop_answers_at_the_end_of_each_text_whatever_the_batch_padding():
+    import pytest
+
+    model = dn.create_model("test_early_stop_lstm").eval()
+    model.set_threshold(0.9)
+    x = _x(model)
+    lengths = (x != 0).sum(1)
+    with torch.inference_mode():
+        batched = model(x, mode="execute")
+        sim = model(x, mode="simulate")
+        for i in range(x.shape[0]):  # each text alone, without the batch's padding
+            alone = model(x[i:i + 1, : int(lengths[i])], mode="execute")
+            torch.testing.assert_close(alone.logits, batched.logits[i:i + 1], rtol=1e-5, atol=1e-5)
+            assert alone.cost.item() == batched.cost[i].item()
+    torch.testing.assert_close(sim.logits, batched.logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(sim.decisions["stop_chunk"], batched.decisions["stop_chunk"])
+    left = torch.cat([torch.zeros(1, 3, dtype=torch.long), x[:1, :-3]], 1)  # padding before the text
+    left[0, 3] = 5
+    with pytest.raises(ValueError, match="right-padded"):
+        model(left)
+    from dynaneural.temporal_wise.sequence.early_stop import EarlyStopConfig, EarlyStopReader
+
+    lenient = EarlyStopReader(EarlyStopConfig(vocab_size=40, embed_dim=8, hidden_size=16, num_classes=3, max_len=12,
+                                              chunk=4, stop_at_end=False)).eval()
+    assert lenient(left, mode="execute").decisions["stop_chunk"].shape == (1,)
 
 
 def test_early_stop_loss_covers_every_chunk():
