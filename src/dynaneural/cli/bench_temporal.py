@@ -268,9 +268,9 @@ def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: in
         from dynaneural.engine import save_model
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_model(model, out_dir / f"{method}.safetensors", extras={"history": hist})
-    if out_dir is not None:
-        _timeline_png(model, data, out_dir / f"timelines_{method}.png", title=f"{model_name} on SST-2 dev")
+        tag = method if seed == 0 else f"{method}-seed{seed}"  # the baseline's cache name carries the seed too
+        save_model(model, out_dir / f"{tag}.safetensors", extras={"history": hist})
+        _timeline_png(model, data, out_dir / f"timelines_{tag}.png", title=f"{model_name} on SST-2 dev")
     rows = []
     knob_points: list[float | None] = [None]
     if METHODS[method]["knob"] is not None and budgets:
@@ -307,7 +307,7 @@ def sst2_rows(method: str, *, data_dir: str | None, epochs: int, train_limit: in
                    "updated_fraction": ev["work_fraction"], "skipped_fraction": 1 - ev["work_fraction"],
                    "simulate_accuracy": sim["accuracy"], "epochs": epochs, "train_limit": train_limit,
                    "val_acc": hist[-1]["val_acc"], "static_val_acc": base_hist[-1]["val_acc"],
-                   "dataset": "sst2 (dev as test)", "val_split": val_split}))
+                   "dataset": "sst2 (dev as test)", "val_split": val_split, "seed": seed}))
         log(f"  {method} budget {budget}: acc {ev['accuracy']:.4f} (full reading {base_eval['accuracy']:.4f}) "
             f"work {ev['work_fraction']:.3f} theoretical {theo:.2f}x realized {t['realized_speedup']:.2f}x")
     return rows
@@ -586,14 +586,25 @@ def cmd_bench_temporal(args: argparse.Namespace) -> int:
                           out_dir=Path(args.out) if args.out else None)
     if args.sst2:
         train = recipe.train
-        rows += sst2_rows(args.method, data_dir=args.data_dir, epochs=args.epochs or int(train.get("epochs", 3)),
-                          train_limit=args.train_limit or recipe.data.get("train_limit"),
-                          repeats=recipe.bench.repeats, budgets=list(recipe.calibration.budgets),
-                          out_dir=Path(args.out) if args.out else None, model_name=recipe.model,
-                          model_kwargs=recipe.model_kwargs, batch_size=int(train.get("batch_size", 64)),
-                          lr=float(train.get("lr", 2e-3)), seed=int(train.get("seed", 0)),
-                          val_split=str(recipe.data.get("val_split", "phrases")))
-    speed_rows = [r for r in rows if not (isinstance(r, dict) and r.get("kind") == "kernel")]
+        seeds = args.seeds or [int(train.get("seed", 0))]
+        sst_rows: list[Any] = []
+        for seed in seeds:
+            sst_rows += sst2_rows(args.method, data_dir=args.data_dir, epochs=args.epochs or int(train.get("epochs", 3)),
+                                  train_limit=args.train_limit or recipe.data.get("train_limit"),
+                                  repeats=recipe.bench.repeats, budgets=list(recipe.calibration.budgets),
+                                  out_dir=Path(args.out) if args.out else None, model_name=recipe.model,
+                                  model_kwargs=recipe.model_kwargs, batch_size=int(train.get("batch_size", 64)),
+                                  lr=float(train.get("lr", 2e-3)), seed=seed,
+                                  val_split=str(recipe.data.get("val_split", "phrases")))
+        rows += sst_rows
+        if len(seeds) > 1:
+            summary = seed_summary(sst_rows)
+            for r in summary:
+                print(f"  over seeds {seeds}, budget {r['budget']}: accuracy {r['accuracy_mean']:.4f} ± "
+                      f"{r['accuracy_std']:.4f} (full reading {r['static_accuracy_mean']:.4f}), Δ "
+                      f"{r['delta_pp_mean']:+.2f} ± {r['delta_pp_std']:.2f} pp, work {r['work_mean']:.3f}")
+            rows += summary
+    speed_rows = [r for r in rows if not (isinstance(r, dict) and r.get("kind") in ("kernel", "sst2_seed_summary"))]
     if speed_rows:
         print(format_rows(speed_rows, ["method", "batch_size", "budget", "achieved_budget", "accuracy",
                                        "static_accuracy", "theoretical_speedup", "realized_speedup",
@@ -603,6 +614,33 @@ def cmd_bench_temporal(args: argparse.Namespace) -> int:
                                 recipe=recipe.name)
         print(f"wrote {path}")
     return 0
+
+
+def seed_summary(rows: list[Any]) -> list[dict[str, Any]]:
+    """Per budget (the trained knob is budget NaN): mean and sample standard deviation over the seeds' SST-2 rows
+    of the accuracy, the full-reading accuracy, their difference (each seed against its own full-reading model)
+    and the work fraction."""
+    import statistics
+
+    groups: dict[str, list[Any]] = {}
+    for r in rows:
+        groups.setdefault("trained" if math.isnan(r.budget) else f"{r.budget:g}", []).append(r)
+    out = []
+    for key, rs in groups.items():
+        acc = [r.accuracy for r in rs]
+        base = [r.static_accuracy for r in rs]
+        delta = [100 * (a - b) for a, b in zip(acc, base, strict=True)]
+        work = [r.achieved_budget for r in rs]
+
+        def sd(v: list[float]) -> float:
+            return statistics.stdev(v) if len(v) > 1 else 0.0
+        out.append({"kind": "sst2_seed_summary", "method": rs[0].method, "budget": key,
+                    "seeds": [r.extra.get("seed") for r in rs], "accuracy_mean": statistics.mean(acc),
+                    "accuracy_std": sd(acc), "static_accuracy_mean": statistics.mean(base),
+                    "static_accuracy_std": sd(base), "delta_pp_mean": statistics.mean(delta),
+                    "delta_pp_std": sd(delta), "delta_pp": delta, "work_mean": statistics.mean(work),
+                    "work_max": max(work)})
+    return out
 
 
 def register(bsub: Any, *, common: Callable[[argparse.ArgumentParser], None],
@@ -620,6 +658,9 @@ def register(bsub: Any, *, common: Callable[[argparse.ArgumentParser], None],
     p.add_argument("--task", choices=TASKS, nargs="+", default=None,
                    help="Skip RNN only: train on the adding task / FSDD log-mel next to a full-updating RNN")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="SST-2: train and evaluate with each seed (model init, data order), the full-reading "
+                        "baseline too, and summarise mean ± sd (default: the recipe's seed)")
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
     p.add_argument("--quick", action="store_true", help="smoke-sized run")

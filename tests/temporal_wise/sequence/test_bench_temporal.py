@@ -93,3 +93,44 @@ def test_kernel_rows_time_the_skip_lstm_step_kernels():
         assert r["tanh_us"] > 0 and r["sigmoid_us"] > 0 and r["tanh_over_sigmoid_time"] > 0
         if onednn_linear_available():
             assert r["packed_gmacs"] > 0 and r["addmm_gmacs"] > 0
+
+
+def test_seed_summary_averages_each_budget_over_seeds():
+    from dynaneural.bench.rows import SpeedupRow
+    from dynaneural.cli.bench_temporal import seed_summary
+
+    def row(budget, acc, base, work, seed):
+        return SpeedupRow(method="stop", batch_size=128, accuracy=acc, static_accuracy=base, mean_flops=1.0,
+                          static_flops=2.0, theoretical_speedup=2.0, realized_speedup=1.0,
+                          realized_over_theoretical=0.5, static_ms_per_sample=1.0, dynamic_ms_per_sample=1.0,
+                          timed_samples=1, budget=budget, achieved_budget=work, extra={"seed": seed})
+    rows = [row(math.nan, 0.80, 0.81, 0.55, 0), row(0.6, 0.79, 0.81, 0.58, 0),
+            row(math.nan, 0.82, 0.80, 0.57, 1), row(0.6, 0.81, 0.80, 0.61, 1)]
+    out = {r["budget"]: r for r in seed_summary(rows)}
+    assert set(out) == {"trained", "0.6"}
+    b = out["0.6"]
+    assert b["seeds"] == [0, 1] and math.isclose(b["accuracy_mean"], 0.80)
+    assert [round(d, 6) for d in b["delta_pp"]] == [-2.0, 1.0]
+    assert math.isclose(b["delta_pp_mean"], -0.5) and math.isclose(b["delta_pp_std"], 2.1213203, rel_tol=1e-6)
+    assert math.isclose(b["work_mean"], 0.595) and b["work_max"] == 0.61
+
+
+def test_sst2_rows_give_the_early_stop_reader_right_padded_texts(tmp_path):
+    import os
+    from pathlib import Path
+
+    from dynaneural.cli.bench_temporal import sst2_rows
+
+    data_dir = Path(os.environ.get("DYNANEURAL_DATA", Path(__file__).resolve().parents[4] / "shared" / "data"))
+    if not (data_dir / "sst2" / "train.tsv").is_file():
+        import pytest
+
+        pytest.skip(f"SST-2 not present under {data_dir}")
+    lines: list[str] = []
+    rows = sst2_rows("stop", data_dir=str(data_dir), epochs=1, train_limit=600, repeats=1, budgets=[0.6], seed=3,
+                     model_kwargs={"hidden_size": 16, "embed_dim": 16}, val_split="sentences", log=lines.append)
+    assert any("reads right-padded batches" in line for line in lines)
+    assert len(rows) == 2 and all(r.extra["seed"] == 3 for r in rows)
+    for r in rows:
+        assert 0 < r.achieved_budget <= 1 and 0 <= r.accuracy <= 1 and r.mean_flops < r.static_flops * 1.05
+        assert r.extra["simulate_accuracy"] == r.accuracy
