@@ -269,8 +269,9 @@ def run_resnet_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str |
             continue
         recal: dict[str, Any] = {}
         if recal_n:
-            # The batch norms were trained under noisy (Gumbel) masks: re-estimate them under this budget's hard
-            # masks, then re-fit the threshold (the features, hence the masks, moved), twice.
+            # The batch norms were trained under the training masks (Gumbel-noised, or at another threshold):
+            # re-estimate them under this budget's hard masks, then re-fit the threshold (the features, hence
+            # the masks, moved), twice.
             recal["accuracy_before_bn_recalibration"] = evaluate(model, data.test_x, data.test_y,
                                                                  mode="execute").accuracy
             try:

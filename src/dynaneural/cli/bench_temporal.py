@@ -622,6 +622,9 @@ def seed_summary(rows: list[Any]) -> list[dict[str, Any]]:
     and the work fraction."""
     import statistics
 
+    def sd(v: list[float]) -> float:
+        return statistics.stdev(v) if len(v) > 1 else 0.0
+
     groups: dict[str, list[Any]] = {}
     for r in rows:
         groups.setdefault("trained" if math.isnan(r.budget) else f"{r.budget:g}", []).append(r)
@@ -631,9 +634,6 @@ def seed_summary(rows: list[Any]) -> list[dict[str, Any]]:
         base = [r.static_accuracy for r in rs]
         delta = [100 * (a - b) for a, b in zip(acc, base, strict=True)]
         work = [r.achieved_budget for r in rs]
-
-        def sd(v: list[float]) -> float:
-            return statistics.stdev(v) if len(v) > 1 else 0.0
         out.append({"kind": "sst2_seed_summary", "method": rs[0].method, "budget": key,
                     "seeds": [r.extra.get("seed") for r in rs], "accuracy_mean": statistics.mean(acc),
                     "accuracy_std": sd(acc), "static_accuracy_mean": statistics.mean(base),
@@ -659,8 +659,8 @@ def register(bsub: Any, *, common: Callable[[argparse.ArgumentParser], None],
                    help="Skip RNN only: train on the adding task / FSDD log-mel next to a full-updating RNN")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="SST-2: train and evaluate with each seed (model init, data order), the full-reading "
-                        "baseline too, and summarise mean ± sd (default: the recipe's seed)")
+                   help="SST-2: train and evaluate with each seed (model init, data order, validation split), "
+                        "the full-reading baseline too, and summarise mean ± sd (default: the recipe's seed)")
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
     p.add_argument("--quick", action="store_true", help="smoke-sized run")
