@@ -17,9 +17,11 @@ Ledger parts: ``cell`` (tokens read), ``head`` (classifier evaluations, one per 
 
 Token inputs are read **right-padded** (text first, ``padding_idx`` after it; :attr:`EarlyStopReader.padding_side`
 tells a data pipeline so) and, with ``stop_at_end`` (the default), each sample answers at the latest after the
-chunk holding its own last token: the padding after a text is never read, and its prediction stops changing there
-(in train/simulate the chunk logits after a sample's end repeat its final chunk's, so the multi-exit loss trains
-every chunk a sample really reaches). A left-padded batch is refused. Session 12 found that the SST-2 bench had fed
+chunk holding its own last token, from the state at that token, and its prediction stops changing there (in
+train/simulate the chunk logits after a sample's end repeat that answer, so the multi-exit loss trains every chunk
+a sample really reaches). The padding after that chunk is never read. Inside it, the batched fused LSTM steps over
+a text's trailing padding with the rest of the chunk and the result is discarded; the ledger charges each sample
+the tokens of its own text it read, which is what the text costs alone (tested). A left-padded batch is refused. Session 12 found that the SST-2 bench had fed
 this reader left-padded batches, so a shorter sentence of a batch read padding *before* its text and every sample
 ran to the batch's last chunk (BENCHMARKS.md has the figures before and after).
 """
@@ -118,14 +120,14 @@ class EarlyStopReader(SequenceModel):
 
     def example_input(self, batch_size: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Token inputs: right-padded texts of random lengths (1 … max_len) of non-padding ids."""
-        x = super().example_input(batch_size, generator=generator)
         if self.config.vocab_size is None or not self.config.stop_at_end:
-            return x
-        steps = x.shape[1]
-        ids = torch.randint(0, self.config.vocab_size - 1, x.shape, generator=generator).to(x.device)
+            return super().example_input(batch_size, generator=generator)
+        device = next(iter(self.parameters())).device
+        steps = self.input_shape[0]
+        ids = torch.randint(0, self.config.vocab_size - 1, (batch_size, steps), generator=generator).to(device)
         ids = ids + (ids >= self.config.padding_idx).long()  # every id but the padding one
-        lengths = torch.randint(1, steps + 1, (batch_size, 1), generator=generator).to(x.device)
-        return torch.where(torch.arange(steps, device=x.device)[None, :] < lengths, ids,
+        lengths = torch.randint(1, steps + 1, (batch_size, 1), generator=generator).to(device)
+        return torch.where(torch.arange(steps, device=device)[None, :] < lengths, ids,
                            torch.full_like(ids, self.config.padding_idx))
 
     def loss(self, out: EarlyStopOutput, y: torch.Tensor) -> dict[str, torch.Tensor]:
