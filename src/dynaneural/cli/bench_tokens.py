@@ -22,12 +22,14 @@ __all__ = ["register", "run_token_bench"]
 
 
 def _train(model: torch.nn.Module, recipe: Any, data: Any, *, epochs: int, seed_offset: int = 0,
-           checkpoint_dir: Path | None = None) -> None:
-    """Train with the recipe's settings; with a ``checkpoint_dir`` an interrupted run resumes and a finished one
-    is reused as it is (the folder name carries a digest of the model, data and training settings)."""
+           checkpoint_dir: Path | None = None, lr: float | None = None) -> None:
+    """Train with the recipe's settings (``lr`` overrides the peak learning rate, for fine-tuning); with a
+    ``checkpoint_dir`` an interrupted run resumes and a finished one is reused as it is (the folder name carries a
+    digest of the model, data and training settings)."""
     from dynaneural.engine import TrainConfig, train
 
-    cfg = TrainConfig.from_dict({**recipe.train, "epochs": epochs, "progress": False,
+    over = {} if lr is None else {"lr": float(lr)}
+    cfg = TrainConfig.from_dict({**recipe.train, **over, "epochs": epochs, "progress": False,
                                  "seed": int(recipe.train.get("seed", 0)) + seed_offset,
                                  "warmup_epochs": min(float(recipe.train.get("warmup_epochs", 0.0)), epochs),
                                  "checkpoint_dir": checkpoint_dir})
@@ -51,6 +53,7 @@ def run_token_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
     keep = float(opts.get("keep_tokens", 0.6))
     methods = list(opts.get("methods", ["dynamicvit", "avit", "tome"]))
     finetune = int(opts.get("finetune_epochs", 1))
+    ft_lr = opts.get("finetune_lr")  # None: the backbone's peak learning rate
     data = load_dataset(recipe.dataset, data_dir=data_dir, **recipe.data)
     bench = recipe.bench
     torch.manual_seed(int(recipe.train.get("seed", 0)))
@@ -67,15 +70,16 @@ def run_token_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
     if finetune > 0 and any(m in ("dynamicvit", "avit") for m in methods):
         ref = create_model(recipe.model, **recipe.model_kwargs, threshold=0.0)
         ref.load_state_dict(base.state_dict())
-        _train(ref, recipe, data, epochs=finetune, seed_offset=100,
-               checkpoint_dir=training_dir(out_dir, "static-finetuned", backbone_key, finetune))
+        _train(ref, recipe, data, epochs=finetune, seed_offset=100, lr=ft_lr,
+               checkpoint_dir=training_dir(out_dir, "static-finetuned", backbone_key, finetune,
+                                           *([] if ft_lr is None else [ft_lr])))
         static_ft_acc = evaluate(ref.vit, data.test_x, data.test_y).accuracy
         log(f"static ViT fine-tuned {finetune} more epoch(s): test accuracy {static_ft_acc:.4f}")
     meta: dict[str, Any] = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0]),
                             "static_accuracy": static_acc, "static_finetuned_accuracy": static_ft_acc,
                             "static_flops": static_flops, "keep_tokens": keep, "vit": base.cfg.vit.to_dict(),
-                            "finetune_epochs": finetune}
-    kw = {k: v for k, v in recipe.model_kwargs.items() if k in ("dim", "depth", "heads", "mlp_ratio", "num_classes")}
+                            "finetune_epochs": finetune, "finetune_lr": ft_lr}
+    kw = {k: v for k, v in recipe.model_kwargs.items() if k in ("dim", "depth", "heads", "mlp_ratio", "num_classes", "stem")}
     family = recipe.dataset.replace("-", "_") if recipe.dataset == "cifar10" else "mnist"
     rows: list[SpeedupRow] = []
     x_time = data.test_x[: bench.timed_samples]
@@ -87,9 +91,10 @@ def run_token_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
             model.set_teacher(static)  # the paper's teacher: the backbone before fine-tuning (frozen)
         ref_acc = static_acc
         if method in ("dynamicvit", "avit") and finetune > 0:
-            _train(model, recipe, data, epochs=finetune, seed_offset=i + 1,
+            _train(model, recipe, data, epochs=finetune, seed_offset=i + 1, lr=ft_lr,
                    checkpoint_dir=training_dir(out_dir, method, backbone_key, finetune, i,
-                                                 opts.get(f"{method}_kwargs", {}), bool(opts.get("distill", True))))
+                                                 opts.get(f"{method}_kwargs", {}), bool(opts.get("distill", True)),
+                                                 *([] if ft_lr is None else [ft_lr])))
             ref_acc = static_ft_acc
         if hasattr(model, "set_teacher"):
             model.set_teacher(None)

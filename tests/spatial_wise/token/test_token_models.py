@@ -10,10 +10,22 @@ from dynaneural.spatial_wise.token.vit import RaggedLayout, VisionTransformer, V
 
 
 @pytest.mark.parametrize("cfg", [ViTConfig(dim=16, depth=2, heads=2), ViTConfig(in_chans=3, img_size=32, dim=24,
-                                                                              depth=1, heads=3, mlp_ratio=3.0)])
+                                                                              depth=1, heads=3, mlp_ratio=3.0),
+                                 ViTConfig(dim=32, depth=1, heads=2, stem="conv"),
+                                 ViTConfig(in_chans=3, img_size=32, patch_size=8, dim=64, depth=1, heads=2, stem="conv")])
 def test_analytic_cost_equals_hook_count(cfg):
     vit = VisionTransformer(cfg).eval()
     assert static_flops(vit, torch.randn(1, *cfg.input_shape)) == ViTCost(cfg).static_total()
+
+
+def test_conv_stem_keeps_the_token_grid_and_rejects_bad_settings():
+    cfg = ViTConfig(dim=64, depth=1, heads=2, stem="conv")
+    assert cfg.stem_channels == (16, 32)
+    assert VisionTransformer(cfg).embed(torch.randn(3, *cfg.input_shape)).shape == (3, cfg.num_tokens, 64)
+    with pytest.raises(ValueError, match="power-of-two"):
+        ViTConfig(img_size=27, patch_size=3, stem="conv")
+    with pytest.raises(ValueError, match="stem must be"):
+        ViTConfig(stem="convnext")
 
 
 def test_padded_ragged_block_equals_unpadded_per_sample():

@@ -235,10 +235,12 @@ def _build(vit: dict[str, Any], **kw: Any) -> AViT:
 @register_model
 def avit_mnist(*, dim: int = 64, depth: int = 6, heads: int = 4, mlp_ratio: float = 2.0, gate_scale: float = 10.0,
                gate_center: float = 30.0, halt_threshold: float = 0.99, ponder_weight: float = 5e-4,
-               distr_weight: float = 0.1, target_depth: float | None = None, num_classes: int = 10) -> AViT:
-    """MNIST / Fashion-MNIST: 7×7 patches of 4×4, D=64, 6 blocks (the DynamicViT backbone)."""
+               distr_weight: float = 0.1, target_depth: float | None = None, num_classes: int = 10,
+               stem: str = "patch") -> AViT:
+    """MNIST / Fashion-MNIST: 7×7 patches of 4×4, D=64, 6 blocks (the DynamicViT backbone).
+    ``stem="conv"``: the convolutional stem (see ``ViTConfig``)."""
     return _build(dict(in_chans=1, img_size=28, patch_size=4, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
-                       num_classes=num_classes), gate_scale=gate_scale, gate_center=gate_center,
+                       num_classes=num_classes, stem=stem), gate_scale=gate_scale, gate_center=gate_center,
                   halt_threshold=halt_threshold, ponder_weight=ponder_weight, distr_weight=distr_weight,
                   target_depth=target_depth)
 
@@ -246,10 +248,12 @@ def avit_mnist(*, dim: int = 64, depth: int = 6, heads: int = 4, mlp_ratio: floa
 @register_model
 def avit_cifar10(*, dim: int = 128, depth: int = 6, heads: int = 4, mlp_ratio: float = 2.0, gate_scale: float = 10.0,
                  gate_center: float = 30.0, halt_threshold: float = 0.99, ponder_weight: float = 5e-4,
-                 distr_weight: float = 0.1, target_depth: float | None = None, num_classes: int = 10) -> AViT:
-    """CIFAR-10: 8×8 patches of 4×4, D=128, 6 blocks."""
+                 distr_weight: float = 0.1, target_depth: float | None = None, num_classes: int = 10,
+                 stem: str = "patch") -> AViT:
+    """CIFAR-10: 8×8 patches of 4×4, D=128, 6 blocks.
+    ``stem="conv"``: the convolutional stem (see ``ViTConfig``)."""
     return _build(dict(in_chans=3, img_size=32, patch_size=4, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
-                       num_classes=num_classes), gate_scale=gate_scale, gate_center=gate_center,
+                       num_classes=num_classes, stem=stem), gate_scale=gate_scale, gate_center=gate_center,
                   halt_threshold=halt_threshold, ponder_weight=ponder_weight, distr_weight=distr_weight,
                   target_depth=target_depth)
 

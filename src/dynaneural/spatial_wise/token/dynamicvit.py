@@ -311,10 +311,12 @@ def _build(vit: dict[str, Any], **kw: Any) -> DynamicViT:
 def dynamicvit_mnist(*, dim: int = 64, depth: int = 6, heads: int = 4, mlp_ratio: float = 2.0,
                      prune_before: tuple[int, ...] = (2, 4), keep_ratio: float = 0.7, threshold: float = 0.5,
                      ratio_weight: float = 2.0, kl_weight: float = 0.5, token_distill_weight: float = 0.5,
-                     num_classes: int = 10) -> DynamicViT:
-    """MNIST / Fashion-MNIST: 7×7 patches of 4×4, D=64, 6 blocks (~17 MFLOPs static), pruning before blocks 2, 4."""
+                     num_classes: int = 10,
+                     stem: str = "patch") -> DynamicViT:
+    """MNIST / Fashion-MNIST: 7×7 patches of 4×4, D=64, 6 blocks (~17 MFLOPs static), pruning before blocks 2, 4.
+    ``stem="conv"``: the convolutional stem (see ``ViTConfig``)."""
     return _build(dict(in_chans=1, img_size=28, patch_size=4, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
-                       num_classes=num_classes), prune_before=tuple(prune_before), keep_ratio=keep_ratio,
+                       num_classes=num_classes, stem=stem), prune_before=tuple(prune_before), keep_ratio=keep_ratio,
                   threshold=threshold, ratio_weight=ratio_weight, kl_weight=kl_weight,
                   token_distill_weight=token_distill_weight)
 
@@ -323,10 +325,12 @@ def dynamicvit_mnist(*, dim: int = 64, depth: int = 6, heads: int = 4, mlp_ratio
 def dynamicvit_cifar10(*, dim: int = 128, depth: int = 6, heads: int = 4, mlp_ratio: float = 2.0,
                        prune_before: tuple[int, ...] = (2, 4), keep_ratio: float = 0.7, threshold: float = 0.5,
                        ratio_weight: float = 2.0, kl_weight: float = 0.5, token_distill_weight: float = 0.5,
-                     num_classes: int = 10) -> DynamicViT:
-    """CIFAR-10: 8×8 patches of 4×4, D=128, 6 blocks, pruning before blocks 2 and 4."""
+                     num_classes: int = 10,
+                       stem: str = "patch") -> DynamicViT:
+    """CIFAR-10: 8×8 patches of 4×4, D=128, 6 blocks, pruning before blocks 2 and 4.
+    ``stem="conv"``: the convolutional stem (see ``ViTConfig``)."""
     return _build(dict(in_chans=3, img_size=32, patch_size=4, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
-                       num_classes=num_classes), prune_before=tuple(prune_before), keep_ratio=keep_ratio,
+                       num_classes=num_classes, stem=stem), prune_before=tuple(prune_before), keep_ratio=keep_ratio,
                   threshold=threshold, ratio_weight=ratio_weight, kl_weight=kl_weight,
                   token_distill_weight=token_distill_weight)
 

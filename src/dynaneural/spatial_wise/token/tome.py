@@ -231,18 +231,21 @@ def _build(vit: dict[str, Any], **kw: Any) -> ToMe:
 
 @register_model
 def tome_mnist(*, dim: int = 64, depth: int = 6, heads: int = 4, mlp_ratio: float = 2.0, threshold: float = 0.9,
-               r: int | None = None, num_classes: int = 10) -> ToMe:
-    """MNIST / Fashion-MNIST: 7×7 patches of 4×4, D=64, 6 blocks (the DynamicViT backbone), merging in blocks 0–4."""
+               r: int | None = None, num_classes: int = 10, stem: str = "patch") -> ToMe:
+    """MNIST / Fashion-MNIST: 7×7 patches of 4×4, D=64, 6 blocks (the DynamicViT backbone), merging in blocks 0–4.
+    ``stem="conv"``: the convolutional stem (see ``ViTConfig``)."""
     return _build(dict(in_chans=1, img_size=28, patch_size=4, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
-                       num_classes=num_classes), threshold=threshold, r=r)
+                       num_classes=num_classes, stem=stem), threshold=threshold, r=r)
 
 
 @register_model
 def tome_cifar10(*, dim: int = 128, depth: int = 6, heads: int = 4, mlp_ratio: float = 2.0, threshold: float = 0.9,
-                 r: int | None = None, num_classes: int = 10) -> ToMe:
-    """CIFAR-10: 8×8 patches of 4×4, D=128, 6 blocks."""
+                 r: int | None = None, num_classes: int = 10,
+                 stem: str = "patch") -> ToMe:
+    """CIFAR-10: 8×8 patches of 4×4, D=128, 6 blocks.
+    ``stem="conv"``: the convolutional stem (see ``ViTConfig``)."""
     return _build(dict(in_chans=3, img_size=32, patch_size=4, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
-                       num_classes=num_classes), threshold=threshold, r=r)
+                       num_classes=num_classes, stem=stem), threshold=threshold, r=r)
 
 
 @register_model

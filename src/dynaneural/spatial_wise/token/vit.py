@@ -3,6 +3,9 @@
 Backbone: A. Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale",
 ICLR 2021, arXiv:2010.11929 (patch embedding, class token, learned position embedding, pre-norm blocks), at the
 DeiT-tiny proportions scaled down for 28×28 MNIST (7×7 patches of 4×4) or 32×32 CIFAR-10 (8×8 patches of 4×4).
+Optional convolutional stem (``stem="conv"``): T. Xiao et al., "Early Convolutions Help Transformers See Better",
+NeurIPS 2021, arXiv:2106.14881 — the patchify convolution replaced by stride-2 3×3 convolutions (batch norm, ReLU)
+and a 1×1 projection; same tokens, same grid, a few % more FLOPs, and it trains much faster from scratch.
 
 Ragged execution. After per-sample pruning, halting or merging, every sample keeps its own number of tokens.
 :class:`RaggedLayout` stores them *packed*: the kept tokens of all samples in one (T, D) matrix, sample after
@@ -47,8 +50,13 @@ class ViTConfig:
     heads: int = 4
     mlp_ratio: float = 2.0
     num_classes: int = 10
+    stem: str = "patch"
 
     def __post_init__(self) -> None:
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"a conv stem needs a power-of-two patch_size >= 2, got {self.patch_size}")
         if self.img_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} must divide img_size {self.img_size}")
         if self.dim % self.heads:
@@ -74,6 +82,15 @@ class ViTConfig:
         return int(self.dim * self.mlp_ratio)
 
     @property
+    def stem_channels(self) -> tuple[int, ...]:
+        """Output channels of the conv stem's stride-2 3×3 convolutions (log2 patch_size of them), widening to
+        D/2 before the 1×1 projection to D; empty for the patchify stem."""
+        if self.stem != "conv":
+            return ()
+        k = self.patch_size.bit_length() - 1
+        return tuple(max(8, self.dim >> (k - i)) for i in range(k))
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.in_chans, self.img_size, self.img_size)
 
@@ -83,11 +100,21 @@ class ViTConfig:
 
 # --------------------------------------------------------------------------------------------------- layers
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches → linear embedding (a strided conv): (B, C, H, W) → (B, N, D)."""
+    """Image → tokens (B, C, H, W) → (B, N, D): non-overlapping patches and a linear embedding (a strided conv),
+    or with ``stem="conv"`` stride-2 3×3 conv + BN + ReLU layers down to the same grid and a 1×1 projection."""
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        if cfg.stem == "patch":
+            self.proj: nn.Module = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+            return
+        layers: list[nn.Module] = []
+        c_in = cfg.in_chans
+        for c in cfg.stem_channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            c_in = c
+        layers.append(nn.Conv2d(c_in, cfg.dim, 1))
+        self.proj = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, g, g) → (B, N, D)
@@ -225,7 +252,14 @@ class ViTCost:
     @property
     def embed(self) -> float:
         c = self.cfg
-        return float(c.num_patches * c.dim * c.in_chans * c.patch_size ** 2)
+        if c.stem == "patch":
+            return float(c.num_patches * c.dim * c.in_chans * c.patch_size ** 2)
+        flops, c_in, side = 0.0, c.in_chans, c.img_size
+        for ch in c.stem_channels:  # 3×3 stride-2 conv (padding 1), then batch norm's scale and shift
+            side = (side - 1) // 2 + 1
+            flops += side * side * ch * (c_in * 9 + 2)
+            c_in = ch
+        return flops + float(c.num_patches * c.dim * c_in)
 
     @property
     def head(self) -> float:
