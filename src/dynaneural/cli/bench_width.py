@@ -72,7 +72,8 @@ def run_width_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
 
     # ---------------------------------------------------------------- slimmable widths
     t0 = time.perf_counter()
-    slim = create_model(opts.get("slimmable_model", "slimmable_mnist"), seed=int(recipe.train.get("seed", 0)))
+    slim = create_model(opts.get("slimmable_model", "slimmable_mnist"), seed=int(recipe.train.get("seed", 0)),
+                        **opts.get("slimmable_kwargs", {}))
     _train(slim, recipe, data, out_dir=out_dir, tag="slimmable")
     meta["slimmable_train_seconds"] = time.perf_counter() - t0
     static = slim.to_static()

@@ -36,3 +36,12 @@ def test_training_dir_digest_follows_the_settings(tmp_path):
     assert a == training_dir(tmp_path, "x", {"epochs": 2, "lr": 0.1})  # key order does not matter
     assert a != training_dir(tmp_path, "x", {"lr": 0.2, "epochs": 2})
     assert a.name == "x-" + run_digest({"lr": 0.1, "epochs": 2}) and a.parent.name == "checkpoints"
+
+
+def test_width_bench_builds_the_recipe_width_and_can_skip_gating(tiny_mnist):
+    tiny_mnist(train=32, val=32, test=16)
+    recipe = _recipe()
+    recipe.options.update({"gating_keep": [], "slimmable_kwargs": {"widths": [8, 16, 24]}})
+    out = run_width_bench(recipe, log=lambda s: None)
+    assert [(r.method, r.batch_size) for r in out["rows"]] == [("slimmable", 1), ("slimmable", 16)]
+    assert out["rows"][0].static_flops < 7.5e6 / 4  # the narrow network, not the default 32-64-128 one
