@@ -79,7 +79,8 @@ def run_token_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
                             "static_accuracy": static_acc, "static_finetuned_accuracy": static_ft_acc,
                             "static_flops": static_flops, "keep_tokens": keep, "vit": base.cfg.vit.to_dict(),
                             "finetune_epochs": finetune, "finetune_lr": ft_lr}
-    kw = {k: v for k, v in recipe.model_kwargs.items() if k in ("dim", "depth", "heads", "mlp_ratio", "num_classes", "stem")}
+    vit_keys = ("dim", "depth", "heads", "mlp_ratio", "num_classes", "stem")
+    kw = {k: v for k, v in recipe.model_kwargs.items() if k in vit_keys}
     family = recipe.dataset.replace("-", "_") if recipe.dataset == "cifar10" else "mnist"
     rows: list[SpeedupRow] = []
     x_time = data.test_x[: bench.timed_samples]
