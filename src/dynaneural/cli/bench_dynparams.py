@@ -6,12 +6,21 @@ Each row holds test accuracy (execute mode), mean FLOPs from the ledger, the sta
 theoretical speed-up (static / dynamic FLOPs: below 1 for dynamic parameters, which add a little compute) and
 the realized speed-up (static CNN, BN folded, against the model in execute mode, interleaved in one run), plus
 ``simulate_execute_max_abs_diff`` (kernel mixing + one grouped conv against every kernel's conv + mixing).
+
+The static CNN of the same widths costs ~5 % fewer FLOPs than CondConv / dynamic convolution (their routing and
+kernel mixing). With ``options.equal_flops_widths`` a second static CNN, widened until its FLOPs are at least the
+dynamic models', is trained too; every row then also carries ``accuracy_gain_vs_equal_flops_pp``, the comparison
+the papers make ("at equal FLOPs"). With ``--out`` every training checkpoints into a folder keyed by its settings
+(``bench.cache.training_dir``): a cut run resumes, a finished one is reused. ``options.augment: cifar`` trains
+with random crops and flips.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,11 +31,14 @@ _METHODS = {"condconv": "condconv", "dynamic_conv": "dynamic_conv", "hypernetwor
             "squeeze_excite": "se_convnet"}
 
 
-def run_dynparams_bench(recipe: Any, *, data_dir: str | None = None, log: Any = print) -> dict[str, Any]:
-    """Train and time the recipe's methods; returns ``{rows, meta}``."""
+def run_dynparams_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | Path | None = None,
+                        log: Any = print) -> dict[str, Any]:
+    """Train and time the recipe's methods; returns ``{rows, meta}``. With ``out_dir`` the trainings checkpoint
+    there and are reused by a re-run with the same settings."""
+    from dynaneural.bench.cache import training_dir
     from dynaneural.bench.rows import SpeedupRow, time_against_static
     from dynaneural.compute.flops import static_flops
-    from dynaneural.data import load_dataset
+    from dynaneural.data import augment_cifar, load_dataset
     from dynaneural.engine import TrainConfig, evaluate, train
     from dynaneural.layers import fold_batch_norms
     from dynaneural.registry import create_model
@@ -38,28 +50,47 @@ def run_dynparams_bench(recipe: Any, *, data_dir: str | None = None, log: Any = 
     data = load_dataset(recipe.dataset, data_dir=data_dir, **recipe.data)
     bench = recipe.bench
     x_time = data.test_x[: bench.timed_samples]
-    cfg = TrainConfig.from_dict({**recipe.train, "progress": False})
-    meta: dict[str, Any] = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0])}
+    settings = {**recipe.train, "progress": False}
+    cfg = TrainConfig.from_dict(settings)
+    augments = {"cifar": augment_cifar, None: None}
+    if opts.get("augment") not in augments:
+        raise ValueError(f"options.augment must be one of {sorted(a for a in augments if a)} or absent, "
+                         f"got {opts.get('augment')!r}")
+    augment = augments[opts.get("augment")]
+    meta: dict[str, Any] = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0]),
+                            "augment": opts.get("augment")}
     rows: list[SpeedupRow] = []
 
-    def fit(model: torch.nn.Module, name: str) -> float:
+    def fit(model: torch.nn.Module, name: str, *, model_settings: Any) -> float:
+        ckpt = training_dir(out_dir, name, model_settings, recipe.data, recipe.dataset, settings, opts.get("augment"))
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
-        train(model, train_x=data.train_x, train_y=data.train_y, val_x=data.val_x, val_y=data.val_y, config=cfg)
+        train(model, train_x=data.train_x, train_y=data.train_y, val_x=data.val_x, val_y=data.val_y,
+              config=TrainConfig.from_dict({**settings, "checkpoint_dir": ckpt}), augment=augment)
         model.eval()
         secs = time.perf_counter() - t0
         meta[f"{name}_train_seconds"] = secs
         return secs
 
-    arch = ConvNetConfig(**opts.get("backbone", {}))
-    torch.manual_seed(cfg.seed)
-    static = build_static_convnet(arch)
-    fit(static, "static")
-    static_acc = evaluate(static, data.test_x, data.test_y).accuracy
-    s_flops = static_flops(static, data.test_x[:1])
+    def fit_static(widths: Any, name: str) -> tuple[torch.nn.Module, float, float]:
+        arch = ConvNetConfig(**{**opts.get("backbone", {}), **({"widths": tuple(widths)} if widths else {})})
+        torch.manual_seed(cfg.seed)
+        net = build_static_convnet(arch)
+        fit(net, name, model_settings={"static": asdict(arch)})
+        acc = evaluate(net, data.test_x, data.test_y).accuracy
+        flops = static_flops(net, data.test_x[:1])
+        log(f"{name} CNN {arch.widths}: accuracy {acc:.4f}, {flops / 1e6:.2f} MFLOPs")
+        return net, acc, flops
+
+    static, static_acc, s_flops = fit_static(None, "static")
     static_fn = fold_batch_norms(static).eval()
     meta["static_accuracy"], meta["static_flops"] = static_acc, s_flops
-    log(f"static CNN: accuracy {static_acc:.4f}, {s_flops / 1e6:.2f} MFLOPs")
+    equal: dict[str, Any] = {}
+    if opts.get("equal_flops_widths"):
+        _, eq_acc, eq_flops = fit_static(opts["equal_flops_widths"], "static_equal_flops")
+        equal = {"equal_flops_widths": list(opts["equal_flops_widths"]), "equal_flops_static_accuracy": eq_acc,
+                 "equal_flops_static_flops": eq_flops}
+        meta.update(equal)
 
     def timed(method: str, model: Any, *, acc: float, mean_flops: float, ref_fn: Any, ref_flops: float,
               ref_acc: float, budget: float, extra: dict[str, Any]) -> None:
@@ -76,8 +107,9 @@ def run_dynparams_bench(recipe: Any, *, data_dir: str | None = None, log: Any = 
                 f"realized {t['realized_speedup']:.2f}x")
 
     for method in opts.get("methods", list(_METHODS)):
-        model = create_model(f"{_METHODS[method]}_{suffix}", seed=cfg.seed)
-        secs = fit(model, method)
+        kwargs = opts.get("model_kwargs", {}).get(method, {})
+        model = create_model(f"{_METHODS[method]}_{suffix}", seed=cfg.seed, **kwargs)
+        secs = fit(model, method, model_settings={"config": model.config, "kwargs": kwargs})
         ev = evaluate(model, data.test_x, data.test_y, mode="execute")
         with torch.inference_mode():
             xb = data.test_x[:256]
@@ -85,16 +117,20 @@ def run_dynparams_bench(recipe: Any, *, data_dir: str | None = None, log: Any = 
         log(f"{method}: accuracy {ev.accuracy:.4f} ({secs:.0f} s)")
         timed(method, model, acc=ev.accuracy, mean_flops=float(ev.mean_cost), ref_fn=static_fn, ref_flops=s_flops,
               ref_acc=static_acc, budget=float("nan"),
-              extra={"accuracy_gain_pp": (ev.accuracy - static_acc) * 100,
+              extra={"accuracy_gain_pp": (ev.accuracy - static_acc) * 100, **equal,
+                     **({"accuracy_gain_vs_equal_flops_pp": (ev.accuracy - equal["equal_flops_static_accuracy"])
+                         * 100, "flops_vs_equal_flops_static": float(ev.mean_cost)
+                         / equal["equal_flops_static_flops"]} if equal else {}),
+                     "model_kwargs": kwargs,
                      "flops_increase_pct": (float(ev.mean_cost) / s_flops - 1) * 100,
                      "params": sum(p.numel() for p in model.parameters()),
                      "static_params": sum(p.numel() for p in static.parameters()),
                      "simulate_execute_max_abs_diff": diff, "train_seconds": secs})
 
     if opts.get("gated_dense", True):
-        dense = create_model(f"gated_dense_{suffix}", seed=cfg.seed, budget=opts.get("dense_train_budget", 0.5),
-                             strategy=opts.get("dense_strategy", "pattern"))
-        secs = fit(dense, "gated_dense")
+        dense_kwargs = {"budget": opts.get("dense_train_budget", 0.5), "strategy": opts.get("dense_strategy", "pattern")}
+        dense = create_model(f"gated_dense_{suffix}", seed=cfg.seed, **dense_kwargs)
+        secs = fit(dense, "gated_dense", model_settings={"config": dense.config, "kwargs": dense_kwargs})
         twin = dense.to_static().eval()
         d_flops = static_flops(twin, data.test_x[:1])
         with dense.all_on():
@@ -133,6 +169,8 @@ def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
     d.add_argument("--epochs", type=int, default=None)
     d.add_argument("--threads", type=int, default=1, help="torch threads (timing is per thread count)")
     d.add_argument("--json", default=None, help="write the rows here (e.g. benchmarks/dynparams_fashion_mnist.json)")
+    d.add_argument("--out", default=None, help="folder for resumable, reusable training checkpoints "
+                                               "(e.g. runs/bench-dynparams); default: none kept")
     data_opts(d)
     common(d)
     d.set_defaults(fn=cmd_bench_dynparams)
