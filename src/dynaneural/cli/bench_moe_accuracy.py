@@ -7,12 +7,16 @@ trained with the same recipe, seed and data order. The dense twin has ``num_expe
 width ``top_k × hidden`` — one always-on SwiGLU expert with the MoE's active width (its router over one expert costs
 D MACs per token and always gives weight 1). Each row: test accuracy in execute mode, mean FLOPs from the ledger,
 parameter count, and the realized speed-up of the MoE against the dense twin, interleaved in one run.
+
+``options.augment: cifar`` trains both with random crops and flips. With ``--out`` both trainings checkpoint into
+folders keyed by their settings (``bench.cache.training_dir``): a cut run resumes, a finished one is reused.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,13 +28,19 @@ def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_moe_accuracy_bench(recipe: Any, *, data_dir: str | None = None, log: Any = print) -> dict[str, Any]:
+def run_moe_accuracy_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | Path | None = None,
+                           log: Any = print) -> dict[str, Any]:
     """Train the MoE model and its dense twin of equal active FLOPs; returns ``{rows, meta}``."""
+    from dynaneural.bench.cache import training_dir
     from dynaneural.bench.rows import SpeedupRow, time_against_static
-    from dynaneural.data import load_dataset
+    from dynaneural.data import augment_cifar, load_dataset
     from dynaneural.engine import TrainConfig, evaluate, train
     from dynaneural.registry import create_model
 
+    augment_name = recipe.options.get("augment")
+    if augment_name not in (None, "cifar"):
+        raise ValueError(f"options.augment must be 'cifar' or absent, got {augment_name!r}")
+    augment = augment_cifar if augment_name == "cifar" else None
     data = load_dataset(recipe.dataset, data_dir=data_dir, **recipe.data)
     kw = dict(recipe.model_kwargs)
     top_k, hidden = int(kw.get("top_k", 2)), int(kw.get("hidden", 128))
@@ -44,8 +54,10 @@ def run_moe_accuracy_bench(recipe: Any, *, data_dir: str | None = None, log: Any
         torch.manual_seed(int(recipe.train.get("seed", 0)))
         model = create_model(recipe.model, **mkw)
         t0 = time.perf_counter()
-        cfg = TrainConfig.from_dict({**recipe.train, "progress": False})
-        train(model, train_x=data.train_x, train_y=data.train_y, config=cfg)
+        settings = {**recipe.train, "progress": False}
+        ckpt = training_dir(out_dir, name, recipe.model, mkw, recipe.data, recipe.dataset, settings, augment_name)
+        cfg = TrainConfig.from_dict({**settings, "checkpoint_dir": ckpt})
+        train(model, train_x=data.train_x, train_y=data.train_y, config=cfg, augment=augment)
         model.eval()
         res = evaluate(model, data.test_x, data.test_y, mode="execute")
         models[name], results[name] = model, res
@@ -69,7 +81,7 @@ def run_moe_accuracy_bench(recipe: Any, *, data_dir: str | None = None, log: Any
             f"({(moe.accuracy - dense.accuracy) * 100:+.2f} pp), realized {t['realized_speedup']:.2f}× "
             f"(FLOPs ratio {theo:.3f})")
     meta = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0]), "moe_kwargs": kw,
-            "dense_kwargs": dense_kw}
+            "dense_kwargs": dense_kw, "augment": augment_name}
     return {"rows": rows, "meta": meta}
 
 
@@ -77,17 +89,19 @@ def cmd_bench_moe_accuracy(args: argparse.Namespace) -> int:
     from dynaneural.cli.main import run_recipe_bench
 
     return run_recipe_bench(args, prefix="moe_accuracy",
-                            run=lambda recipe, data_dir: run_moe_accuracy_bench(
-                                recipe, data_dir=data_dir, log=lambda s: print(s, flush=True)))
+                            run=lambda recipe, data_dir, out_dir=None: run_moe_accuracy_bench(
+                                recipe, data_dir=data_dir, out_dir=out_dir, log=lambda s: print(s, flush=True)))
 
 
 def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
     p = bsub.add_parser("moe-accuracy", help="MoE Transformer vs the dense Transformer of equal active FLOPs")
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
     p.add_argument("--recipe", default=None, help="default: moe_accuracy_<dataset>")
     p.add_argument("--quick", action="store_true", help="the recipe's quick variant")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the timing rows")
     p.add_argument("--json", default=None, help="write the rows here (e.g. benchmarks/moe_accuracy_mnist.json)")
+    p.add_argument("--out", default=None, help="folder for resumable, reusable training checkpoints "
+                                               "(e.g. runs/bench-moe-accuracy); default: none kept")
     data_opts(p)
     common(p)
     p.set_defaults(fn=cmd_bench_moe_accuracy)

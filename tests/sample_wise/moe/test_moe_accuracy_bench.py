@@ -1,6 +1,7 @@
 """The MoE-vs-dense-twin accuracy benchmark end to end on tiny synthetic data (the real run is a benchmark)."""
 
 import pytest
+import torch
 
 from dynaneural.cli.bench_moe_accuracy import run_moe_accuracy_bench
 from dynaneural.recipes import Recipe, load_recipe
@@ -31,3 +32,30 @@ def test_moe_accuracy_recipe_parses_and_rejects_expert_choice(tiny_mnist):
                                "model_kwargs": {"routing": "expert_choice"}})
     with pytest.raises(ValueError, match="top-k routing"):
         run_moe_accuracy_bench(recipe, log=lambda s: None)
+
+
+def test_moe_accuracy_bench_reuses_its_trainings_and_checks_augment(tiny_mnist, tmp_path):
+    tiny_mnist(train=64, val=32, test=32)
+    recipe = Recipe.from_dict({
+        "name": "tiny_moe_accuracy", "model": "moe_transformer_mnist", "dataset": "mnist",
+        "model_kwargs": {"num_experts": 4, "top_k": 2, "dim": 16, "hidden": 16, "depth": 1, "num_classes": 3},
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.01, "device": "cpu"},
+        "bench": {"batch_sizes": [16], "repeats": 1, "timed_samples": 32}, "options": {"augment": "cifar"}})
+    first = run_moe_accuracy_bench(recipe, out_dir=tmp_path, log=lambda s: None)
+    ckpts = sorted((tmp_path / "checkpoints").rglob("last.safetensors"))
+    assert len(ckpts) == 2 and first["meta"]["augment"] == "cifar"
+    stamps = [p.stat().st_mtime_ns for p in ckpts]
+    again = run_moe_accuracy_bench(recipe, out_dir=tmp_path, log=lambda s: None)
+    assert [p.stat().st_mtime_ns for p in ckpts] == stamps  # nothing retrained
+    assert again["rows"][0].accuracy == first["rows"][0].accuracy
+    recipe.options["augment"] = "mixup"
+    with pytest.raises(ValueError, match="augment"):
+        run_moe_accuracy_bench(recipe, log=lambda s: None)
+
+
+def test_moe_transformer_cifar10_is_64_patch_tokens():
+    from dynaneural.registry import create_model
+
+    model = create_model("moe_transformer_cifar10", dim=16, hidden=16, depth=1, num_experts=4).eval()
+    out = model(torch.randn(3, 3, 32, 32), mode="execute")
+    assert out.logits.shape == (3, 10) and model.num_tokens == 64

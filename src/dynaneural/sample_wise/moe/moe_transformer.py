@@ -244,6 +244,16 @@ def moe_transformer_mnist(*, num_experts: int = 8, top_k: int = 2, routing: Rout
 
 
 @register_model
+def moe_transformer_cifar10(*, num_experts: int = 8, top_k: int = 2, routing: RoutingKind = "top_k",
+                            capacity_factor: float | None = None, dim: int = 64, hidden: int = 128, depth: int = 2,
+                            patch_size: int = 4, num_classes: int = 10) -> MoETransformer:
+    """CIFAR-10 32×32×3 as 64 patches of 4×4; 2 blocks of width 64, 8 SwiGLU experts of width 128, top-2."""
+    return _make(dict(input_shape=(3, 32, 32)), dict(
+        patch_size=patch_size, num_experts=num_experts, top_k=top_k, routing=routing,
+        capacity_factor=capacity_factor, dim=dim, hidden=hidden, depth=depth, num_classes=num_classes))
+
+
+@register_model
 def moe_transformer_tokens(*, vocab_size: int = 1000, seq_len: int = 32, num_classes: int = 2,
                            num_experts: int = 8, top_k: int = 2, routing: RoutingKind = "top_k",
                            capacity_factor: float | None = None, dim: int = 64, hidden: int = 128,
