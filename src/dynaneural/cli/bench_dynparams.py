@@ -38,7 +38,7 @@ def run_dynparams_bench(recipe: Any, *, data_dir: str | None = None, out_dir: st
     from dynaneural.bench.cache import training_dir
     from dynaneural.bench.rows import SpeedupRow, time_against_static
     from dynaneural.compute.flops import static_flops
-    from dynaneural.data import augment_cifar, load_dataset
+    from dynaneural.data import augmentation, load_dataset
     from dynaneural.engine import TrainConfig, evaluate, train
     from dynaneural.layers import fold_batch_norms
     from dynaneural.registry import create_model
@@ -52,11 +52,7 @@ def run_dynparams_bench(recipe: Any, *, data_dir: str | None = None, out_dir: st
     x_time = data.test_x[: bench.timed_samples]
     settings = {**recipe.train, "progress": False}
     cfg = TrainConfig.from_dict(settings)
-    augments = {"cifar": augment_cifar, None: None}
-    if opts.get("augment") not in augments:
-        raise ValueError(f"options.augment must be one of {sorted(a for a in augments if a)} or absent, "
-                         f"got {opts.get('augment')!r}")
-    augment = augments[opts.get("augment")]
+    augment = augmentation(opts.get("augment"))
     meta: dict[str, Any] = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0]),
                             "augment": opts.get("augment")}
     rows: list[SpeedupRow] = []

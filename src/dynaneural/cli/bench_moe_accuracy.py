@@ -33,14 +33,12 @@ def run_moe_accuracy_bench(recipe: Any, *, data_dir: str | None = None, out_dir:
     """Train the MoE model and its dense twin of equal active FLOPs; returns ``{rows, meta}``."""
     from dynaneural.bench.cache import training_dir
     from dynaneural.bench.rows import SpeedupRow, time_against_static
-    from dynaneural.data import augment_cifar, load_dataset
+    from dynaneural.data import augmentation, load_dataset
     from dynaneural.engine import TrainConfig, evaluate, train
     from dynaneural.registry import create_model
 
     augment_name = recipe.options.get("augment")
-    if augment_name not in (None, "cifar"):
-        raise ValueError(f"options.augment must be 'cifar' or absent, got {augment_name!r}")
-    augment = augment_cifar if augment_name == "cifar" else None
+    augment = augmentation(augment_name)
     data = load_dataset(recipe.dataset, data_dir=data_dir, **recipe.data)
     kw = dict(recipe.model_kwargs)
     top_k, hidden = int(kw.get("top_k", 2)), int(kw.get("hidden", 128))

@@ -26,7 +26,7 @@ from dynaneural.data.loaders import (
 )
 from dynaneural.data.sources import CACHE_ENV, DATA_ENV, resolve_cache_dir, resolve_data_dir
 from dynaneural.data.splits import DatasetSplits, stratified_split
-from dynaneural.data.transforms import augment_cifar, batches
+from dynaneural.data.transforms import augment_cifar, augmentation, batches
 
 __all__ = [
     "CACHE_ENV",
@@ -37,6 +37,7 @@ __all__ = [
     "DataIntegrityError",
     "DatasetSplits",
     "augment_cifar",
+    "augmentation",
     "batches",
     "download_dataset",
     "download_file",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -68,3 +68,16 @@ def augment_cifar(x: torch.Tensor, *, generator: torch.Generator | None, padding
         cols = torch.where(flipped, cols.flip(1), cols)
     index = (rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
     return padded.flatten(2).gather(2, index).view(n, c, h, w)
+
+
+#: Batch augmentations a recipe can name (``options.augment``).
+AUGMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {"cifar": augment_cifar}
+
+
+def augmentation(name: str | None) -> Callable[..., torch.Tensor] | None:
+    """The batch augmentation a recipe names (``None``: none); an unknown name is an error."""
+    if name is None:
+        return None
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"options.augment must be one of {sorted(AUGMENTATIONS)} or absent, got {name!r}")
+    return AUGMENTATIONS[name]
