@@ -50,3 +50,28 @@ def tiny_mnist(monkeypatch):
         monkeypatch.setattr(dynaneural.data, "load_dataset", load)
 
     return install
+
+
+@pytest.fixture
+def fvcore_macs():
+    """The independent counter: fvcore's multiply-accumulates per sample of ``model(*inputs)``. fvcore has no
+    rule for fused attention (``scaled_dot_product_attention``), so one is given here from the shapes alone:
+    q·kᵀ and the weighted sum of v, B·H·Nq·Nk·dh MACs each. Skips where fvcore is not installed."""
+    import warnings
+
+    fvcore_nn = pytest.importorskip("fvcore.nn")
+
+    def sdpa(inputs, outputs):
+        q, k = (fvcore_nn.jit_handles.get_shape(v) for v in inputs[:2])
+        return 2 * q[0] * q[1] * q[2] * k[2] * q[3]
+
+    def count(model, *inputs: torch.Tensor) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analysis = fvcore_nn.FlopCountAnalysis(model, inputs)
+            analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa)
+            analysis.unsupported_ops_warnings(False)
+            analysis.uncalled_modules_warnings(False)
+            return float(analysis.total()) / inputs[0].shape[0]
+
+    return count

@@ -1,6 +1,5 @@
 """Analytic FLOPs against an independent counter (fvcore), and hand-computed formulas."""
 
-import warnings
 
 import pytest
 import torch
@@ -8,17 +7,6 @@ from torch import nn
 
 import dynaneural as dn
 from dynaneural.compute import CostLedger, count_flops
-
-fvcore_nn = pytest.importorskip("fvcore.nn")
-
-
-def _fvcore_per_sample(model, x):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        analysis = fvcore_nn.FlopCountAnalysis(model, x)
-        analysis.unsupported_ops_warnings(False)
-        analysis.uncalled_modules_warnings(False)
-        return analysis.total() / x.shape[0]
 
 
 class _ConvZoo(nn.Module):
@@ -68,16 +56,17 @@ NETWORKS = {
     "mlp": (_mlp, (2, 1, 28, 28)),
     "exit_convnet_mnist_static": (lambda: dn.create_model("exit_convnet_mnist", exits="last").to_static(),
                                   (2, 1, 28, 28)),
+    "exit_vit_mnist_static": (lambda: dn.create_model("exit_vit_mnist", exits="last").to_static(), (2, 1, 28, 28)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(NETWORKS))
-def test_static_flops_match_fvcore(name):
+def test_static_flops_match_fvcore(name, fvcore_macs):
     build, shape = NETWORKS[name]
     model = build().eval()
     x = torch.randn(*shape)
     ours = count_flops(model, x).total
-    theirs = _fvcore_per_sample(model, x)
+    theirs = fvcore_macs(model, x)
     assert ours == pytest.approx(theirs, rel=0.01), (ours, theirs)
 
 

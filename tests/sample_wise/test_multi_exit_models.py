@@ -1,4 +1,4 @@
-"""Contract tests for the multi-exit models of this package (MSDNet, SDN ResNet, cascade), on their tiny variants.
+"""Contract tests for the multi-exit models of this package (MSDNet, SDN ResNet, cascade, multi-exit ViT), on their tiny variants.
 
 For each model: training forward/backward; simulate and execute agree (exits, per-sample costs, logits) under
 thresholds that send samples to several exits; batched and one-at-a-time execution agree; with its exits disabled
@@ -7,18 +7,22 @@ the network is its static twin; every sample pays exactly its path cost; the sta
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dynaneural.compute.flops import count_flops
 from dynaneural.registry import create_model
-from dynaneural.sample_wise.early_exit import cascade, exit_convnet, msdnet, sdn_resnet  # noqa: F401  (registers the models)
+from dynaneural.sample_wise.early_exit import (  # noqa: F401  (registers the models)
+    cascade,
+    exit_convnet,
+    exit_vit,
+    msdnet,
+    sdn_resnet,
+)
 from dynaneural.sample_wise.early_exit.multi_exit import MultiExitNetwork
 
-MODELS = ["test_msdnet", "test_sdn_resnet", "test_cascade"]
+MODELS = ["test_msdnet", "test_sdn_resnet", "test_cascade", "test_exit_vit"]
 RULES = ["confidence", "entropy", "learned"]
 
 
@@ -185,17 +189,11 @@ def test_execute_cost_is_path_cost_within_static_bound(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_static_flops_match_fvcore(name: str) -> None:
-    fvcore_nn = pytest.importorskip("fvcore.nn")
+def test_static_flops_match_fvcore(name: str, fvcore_macs) -> None:
     model = _build(name)
     static = model.to_static().eval()
     x = _batch(model, 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        analysis = fvcore_nn.FlopCountAnalysis(static, (x,))
-        analysis.unsupported_ops_warnings(False)
-        analysis.uncalled_modules_warnings(False)
-        reference = float(analysis.total())
+    reference = fvcore_macs(static, x)
     ours = model.cost_profile().static_total
     assert ours == pytest.approx(reference, rel=0.01)
     assert count_flops(static, x).total == pytest.approx(ours)

@@ -31,7 +31,7 @@ from torch import nn
 from dynaneural.compute.flops import register_flops_rule
 
 __all__ = ["Attention", "AttentionCore", "Block", "Mlp", "PatchEmbed", "RaggedLayout", "ViTConfig", "ViTCost",
-           "VisionTransformer", "ragged_attention", "ragged_block"]
+           "VisionTransformer", "init_vit_weights", "ragged_attention", "ragged_block"]
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
-        self.apply(_init_weights)
+        self.apply(init_vit_weights)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) → tokens (B, 1 + N, D): class token first, position embedding added."""
@@ -232,7 +232,8 @@ class VisionTransformer(nn.Module):
         return self.classify(t[:, 0])
 
 
-def _init_weights(m: nn.Module) -> None:
+def init_vit_weights(m: nn.Module) -> None:
+    """ViT initialisation: truncated-normal (std 0.02) linear weights, zero biases, unit LayerNorms."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
