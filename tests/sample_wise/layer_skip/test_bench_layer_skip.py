@@ -117,3 +117,42 @@ def test_cli_parser_has_layer_skip():
 
     args = build_parser().parse_args(["bench", "layer-skip", "--method", "aig", "--quick", "--json", "x.json"])
     assert args.method == "aig" and args.quick and args.dataset == "cifar10"
+
+
+def test_from_scratch_trains_the_gated_network_without_the_backbone_weights(tmp_path, monkeypatch):
+    """options.from_scratch: the gated ResNet starts from a random init (not the backbone), the backbone stays the
+    static reference, the rows say so, and BlockDrop (which needs a pretrained ResNet) refuses it."""
+    monkeypatch.setattr(bench, "load_dataset", lambda *a, **k: _tiny_data())
+    arch = {"widths": [4, 8, 8], "blocks_per_stage": 2, "in_chans": 3, "input_size": 8, "num_classes": 4}
+    train_cfg = {"epochs": 1, "batch_size": 32, "lr": 0.05, "device": "cpu"}
+    spec = {"name": "tiny_aig_scratch", "model": "aig_resnet", "dataset": "cifar10", "model_kwargs": arch,
+            "train": train_cfg, "calibration": {"budgets": [0.8]},
+            "bench": {"batch_sizes": [16], "repeats": 1, "timed_samples": 32},
+            "options": {"backbone_dir": str(tmp_path / "cache"), "calibration_iters": 10, "calibration_tol": 0.05,
+                        "from_scratch": True, "backbone_train": dict(train_cfg)}}
+    seen = []
+    real_train = bench.train
+
+    def spy(model, **kw):
+        if isinstance(model, bench.LayerSkipNetwork):  # the method's training: what does it start from?
+            seen.append({k: v.clone() for k, v in model.backbone.state_dict().items()})
+        return real_train(model, **kw)
+
+    monkeypatch.setattr(bench, "train", spy)
+    lines = []
+    rows = bench.run_layer_skip_bench(Recipe.from_dict(spec), method="aig", out_dir=tmp_path / "out",
+                                      log=lines.append)["rows"]
+    assert rows[0].extra["from_scratch"] is True
+    backbone, meta = bench.pretrained_backbone(arch, train_cfg, _tiny_data(), dataset="cifar10",
+                                               cache_dir=tmp_path / "cache", log=lambda _: None)
+    assert rows[0].static_accuracy == meta["test_accuracy"]
+    start = seen[0]
+    assert any(not torch.equal(start[k], v) for k, v in backbone.state_dict().items() if v.is_floating_point())
+    assert not any("warning" in line for line in lines)  # same settings as the backbone: an equal-training reference
+    lines.clear()
+    other = {**spec, "name": "tiny_aig_scratch_lr", "train": {**train_cfg, "lr": 0.01}}
+    bench.run_layer_skip_bench(Recipe.from_dict(other), method="aig", out_dir=tmp_path / "out2", log=lines.append)
+    assert any("not equally trained" in line for line in lines)
+    with pytest.raises(ValueError, match="pretrained"):
+        bench.run_layer_skip_bench(Recipe.from_dict({**spec, "model": "blockdrop_resnet"}), method="blockdrop",
+                                   out_dir=tmp_path / "out3")

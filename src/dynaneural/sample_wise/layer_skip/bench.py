@@ -14,6 +14,10 @@ One run, from a recipe (``configs/layer_skip_<method>_<dataset>.yaml``):
    norms folded on both sides;
 4. a per-class block-usage heat map is written beside the JSON rows.
 
+With ``options.from_scratch: true`` a gated method (ConvNet-AIG, SkipNet) is trained from a random start with
+``recipe.train`` instead of fine-tuned from the backbone, as the papers train it; the backbone then serves only as the
+static reference, an equally trained one when ``recipe.train`` equals ``options.backbone_train``.
+
 With ``options.static_control: true`` the pretrained ResNet is also trained further *without* gates, with exactly
 the method's training settings (``recipe.train``: epochs, learning-rate schedule, augmentation), and every row
 reports its accuracy (``static_control_accuracy``): the fair reference when the method's fine-tuning is long
@@ -146,6 +150,11 @@ def _train_method(model: LayerSkipNetwork, method: str, recipe: Recipe, data: An
     return seconds
 
 
+def _train_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings that determine what training learns (not where it runs or how it reports)."""
+    return {k: v for k, v in cfg.items() if k not in ("num_threads", "progress", "device", "checkpoint_dir")}
+
+
 def _load_or_train(net: torch.nn.Module, cache: Path, train_fn: Callable[[], Any], *, recipe: str
                    ) -> tuple[Any, bool]:
     """Load ``net`` from ``cache`` (``model.safetensors`` + ``train.json``) or run ``train_fn()`` and save it there;
@@ -203,7 +212,20 @@ def run_layer_skip_bench(recipe: Recipe, *, method: str, out_dir: str | Path, da
                                           cache_dir=Path(opts.get("backbone_dir", "runs")), log=log)
     model = create_model(recipe.model, **recipe.model_kwargs)
     assert isinstance(model, LayerSkipNetwork)
-    model.backbone.load_state_dict(backbone.state_dict())
+    from_scratch = bool(opts.get("from_scratch", False))
+    if from_scratch:
+        # The gates and the ResNet learn together from a random start, as the AIG and SkipNet papers train them;
+        # the cached backbone is then only the static reference, and a fair one when trained the same way.
+        if method == "blockdrop":
+            raise ValueError("BlockDrop's policy picks the blocks of a pretrained ResNet: options.from_scratch "
+                             "does not apply to it")
+        if _train_settings(recipe.train) != _train_settings(opts.get("backbone_train", {})):
+            log(f"{method}: warning: trained from scratch with settings other than the backbone's, so the static "
+                "reference is not equally trained")
+        model = create_model(recipe.model, seed=int(recipe.train.get("seed", 0)), **recipe.model_kwargs)
+        assert isinstance(model, LayerSkipNetwork)
+    else:
+        model.backbone.load_state_dict(backbone.state_dict())
     # The trained method is kept beside the results (keyed by everything that determines it), so re-timing after
     # a change to an execute path costs no training; change a setting and the key changes.
     cache = training_dir(out, f"method-{method}", recipe.model, recipe.model_kwargs, recipe.train, recipe.data,
@@ -283,7 +305,8 @@ def run_layer_skip_bench(recipe: Recipe, *, method: str, out_dir: str | Path, da
                        "backbone_arch": bmeta["arch"], "backbone_train_seconds": bmeta.get("train_seconds"),
                        "method_train_seconds": seconds, "block_usage_plot": plot,
                        "masked_reference_speedup": masked["realized_speedup"],
-                       "static_control_accuracy": control_acc, "static_control_train_seconds": control_seconds})
+                       "static_control_accuracy": control_acc, "static_control_train_seconds": control_seconds,
+                       "from_scratch": from_scratch})
             rows.append(row)
             log(f"{method}: budget {budget:g} batch {bs}: accuracy {res.accuracy:.4f} (pretrained "
                 f"{bmeta['test_accuracy']:.4f}), FLOPs {mean_flops / 1e6:.3f}M of {costs.static_total / 1e6:.3f}M, "
