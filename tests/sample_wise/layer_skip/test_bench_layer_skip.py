@@ -156,3 +156,41 @@ def test_from_scratch_trains_the_gated_network_without_the_backbone_weights(tmp_
     with pytest.raises(ValueError, match="pretrained"):
         bench.run_layer_skip_bench(Recipe.from_dict({**spec, "model": "blockdrop_resnet"}), method="blockdrop",
                                    out_dir=tmp_path / "out3")
+
+
+def test_an_interrupted_method_training_resumes_from_its_last_epoch(tmp_path, monkeypatch):
+    """The method's training checkpoints every epoch beside its cache, so a cut run (a session ending) resumes."""
+    import dataclasses
+
+    monkeypatch.setattr(bench, "load_dataset", lambda *a, **k: _tiny_data())
+    arch = {"widths": [4, 8, 8], "blocks_per_stage": 2, "in_chans": 3, "input_size": 8, "num_classes": 4}
+    train_cfg = {"epochs": 2, "batch_size": 32, "lr": 0.05, "device": "cpu"}
+    recipe = Recipe.from_dict({
+        "name": "tiny_aig_resume", "model": "aig_resnet", "dataset": "cifar10", "model_kwargs": arch,
+        "train": train_cfg, "calibration": {"budgets": [0.8]},
+        "bench": {"batch_sizes": [16], "repeats": 1, "timed_samples": 32},
+        "options": {"backbone_dir": str(tmp_path / "cache"), "calibration_iters": 10, "calibration_tol": 0.05,
+                    "from_scratch": True, "backbone_train": dict(train_cfg)}})
+    real_train = bench.train
+    results = []
+
+    def cut_after_one_epoch(model, **kw):
+        if not isinstance(model, bench.LayerSkipNetwork):
+            return real_train(model, **kw)
+        real_train(model, **{**kw, "config": dataclasses.replace(kw["config"], max_steps=4)})  # 128 images / 32
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "train", cut_after_one_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_layer_skip_bench(recipe, method="aig", out_dir=tmp_path / "out", log=lambda _: None)
+    assert list((tmp_path / "out" / "checkpoints").glob("method-aig-*/resume/train/last.safetensors"))
+
+    def record(model, **kw):
+        res = real_train(model, **kw)
+        if isinstance(model, bench.LayerSkipNetwork):
+            results.append(res)
+        return res
+
+    monkeypatch.setattr(bench, "train", record)
+    rows = bench.run_layer_skip_bench(recipe, method="aig", out_dir=tmp_path / "out", log=lambda _: None)["rows"]
+    assert results and results[0].resumed_from is not None and rows

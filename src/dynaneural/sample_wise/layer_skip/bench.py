@@ -103,9 +103,16 @@ def pretrained_backbone(arch: dict[str, Any], train_cfg: dict[str, Any], data: A
 
 
 def _train_method(model: LayerSkipNetwork, method: str, recipe: Recipe, data: Any, options: dict[str, Any],
-                  log: Callable[[str], None]) -> dict[str, float]:
-    """Train the decision machinery (and fine-tune the ResNet where the method does); returns seconds per stage."""
+                  log: Callable[[str], None], checkpoints: Path | None = None) -> dict[str, float]:
+    """Train the decision machinery (and fine-tune the ResNet where the method does); returns seconds per stage.
+
+    With ``checkpoints`` every stage that runs the training loop checkpoints under ``checkpoints/<stage>`` each epoch,
+    so an interrupted run resumes there (a long from-scratch training spans sessions)."""
     seconds: dict[str, float] = {}
+
+    def ckpt(stage: str) -> dict[str, Any]:
+        return {"checkpoint_dir": checkpoints / stage} if checkpoints is not None else {}
+
     aug = _augment(recipe.dataset)
     limit = options.get("method_train_limit")
     if limit:  # the method may train on fewer images than the backbone did (the first ones: a stratified order)
@@ -124,16 +131,17 @@ def _train_method(model: LayerSkipNetwork, method: str, recipe: Recipe, data: An
         if joint:
             t0 = time.perf_counter()
             train(model, train_x=data.train_x, train_y=data.train_y, augment=aug, loss_fn=blockdrop_joint_loss(model),
-                  config=TrainConfig.from_dict({**base_cfg, "epochs": joint}))
+                  config=TrainConfig.from_dict({**base_cfg, "epochs": joint, **ckpt("joint")}))
             seconds["joint"] = time.perf_counter() - t0
         return seconds
     t0 = time.perf_counter()
     if method == "skipnet":
         assert isinstance(model, SkipNet)
         model.phase = "supervised"
+    stage = "supervised" if method == "skipnet" else "train"
     train(model, train_x=data.train_x, train_y=data.train_y, augment=aug, loss_fn=_ce,
-          config=TrainConfig.from_dict(base_cfg))
-    seconds["supervised" if method == "skipnet" else "train"] = time.perf_counter() - t0
+          config=TrainConfig.from_dict({**base_cfg, **ckpt(stage)}))
+    seconds[stage] = time.perf_counter() - t0
     if method == "skipnet":
         assert isinstance(model, SkipNet)
         rl = dict(options.get("rl", {}))
@@ -145,7 +153,7 @@ def _train_method(model: LayerSkipNetwork, method: str, recipe: Recipe, data: An
             t0 = time.perf_counter()
             train(model, train_x=data.train_x, train_y=data.train_y, augment=aug,
                   loss_fn=skipnet_hybrid_loss(model, cost_weight=cost_weight),
-                  config=TrainConfig.from_dict({**base_cfg, "epochs": epochs, **rl}))
+                  config=TrainConfig.from_dict({**base_cfg, "epochs": epochs, **rl, **ckpt("rl")}))
             seconds["rl"] = time.perf_counter() - t0
     return seconds
 
@@ -238,7 +246,7 @@ def run_layer_skip_bench(recipe: Recipe, *, method: str, out_dir: str | Path, da
 
     def fit() -> dict[str, float]:
         torch.manual_seed(int(recipe.train.get("seed", 0)))
-        return _train_method(model, method, recipe, data, opts, log)
+        return _train_method(model, method, recipe, data, opts, log, checkpoints=cache / "resume")
 
     seconds, loaded = _load_or_train(model, cache, fit, recipe=recipe.name)
     if loaded:
