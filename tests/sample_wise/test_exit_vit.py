@@ -43,8 +43,13 @@ def test_exit_heads_read_only_the_class_token() -> None:
     torch.testing.assert_close(head(tokens), head(changed))
 
 
-@pytest.mark.parametrize("bad", [dict(num_stages=0), dict(num_stages=7), dict(exits="some"), dict(heads=5),
-                                 dict(stem="conv", patch_size=3, img_size=27), dict(stem="pyramid")])
+@pytest.mark.parametrize("bad", [dict(num_stages=0), dict(num_stages=7), dict(exits="some")])
 def test_bad_settings_fail_loudly(bad: dict) -> None:
     with pytest.raises(ValueError):
         ExitViTConfig(**bad)
+
+
+@pytest.mark.parametrize("bad", [dict(heads=5), dict(stem="pyramid"), dict(depth=0)])
+def test_bad_backbone_settings_fail_loudly(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        create_model("exit_vit_mnist", **bad)

@@ -37,35 +37,21 @@ __all__ = ["ExitViTConfig", "build_exit_vit", "TokenEmbed", "ClassTokenHead"]
 @dataclass(frozen=True)
 class ExitViTConfig:
     """Args:
-    in_chans, img_size, patch_size, dim, depth, heads, mlp_ratio, stem: the ViT (see ``ViTConfig``).
-    num_classes: classes. num_stages: keep only the first num_stages blocks (None = all).
+    vit: the backbone ViT (its depth is the number of blocks, each followed by an exit).
+    num_stages: keep only the first num_stages blocks (None = all).
     exits: ``"all"`` (an exit after every block) or ``"last"`` (static ViT). exit_policy: learned exit-policy heads.
     """
 
-    in_chans: int = 1
-    img_size: int = 28
-    patch_size: int = 4
-    dim: int = 192
-    depth: int = 6
-    heads: int = 3
-    mlp_ratio: float = 4.0
-    stem: str = "conv"
-    num_classes: int = 10
+    vit: ViTConfig = ViTConfig(dim=192, depth=6, heads=3, mlp_ratio=4.0, stem="conv")
     num_stages: int | None = None
     exits: Literal["all", "last"] = "all"
     exit_policy: bool = False
 
     def __post_init__(self) -> None:
-        self.vit()  # validates the backbone's settings
-        if self.num_stages is not None and not 1 <= self.num_stages <= self.depth:
-            raise ValueError(f"num_stages must be in [1, {self.depth}], got {self.num_stages}")
+        if self.num_stages is not None and not 1 <= self.num_stages <= self.vit.depth:
+            raise ValueError(f"num_stages must be in [1, {self.vit.depth}], got {self.num_stages}")
         if self.exits not in ("all", "last"):
             raise ValueError(f"exits must be 'all' or 'last', got {self.exits!r}")
-
-    def vit(self) -> ViTConfig:
-        return ViTConfig(in_chans=self.in_chans, img_size=self.img_size, patch_size=self.patch_size, dim=self.dim,
-                         depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio, num_classes=self.num_classes,
-                         stem=self.stem)
 
 
 class TokenEmbed(nn.Module):
@@ -95,20 +81,16 @@ class ClassTokenHead(nn.Module):
 
 
 def build_exit_vit(cfg: ExitViTConfig) -> MultiExitNetwork:
-    vit = cfg.vit()
-    n = cfg.num_stages or cfg.depth
+    vit = cfg.vit
+    n = cfg.num_stages or vit.depth
     stages: list[nn.Module] = [nn.Sequential(TokenEmbed(vit), Block(vit))] + [Block(vit) for _ in range(n - 1)]
     exit_at = range(n) if cfg.exits == "all" else [n - 1]
-    heads = {i: ClassTokenHead(cfg.dim, cfg.num_classes) for i in exit_at}
-    model = MultiExitNetwork(stages=stages, heads=heads, num_classes=cfg.num_classes, input_shape=vit.input_shape,
+    heads = {i: ClassTokenHead(vit.dim, vit.num_classes) for i in exit_at}
+    model = MultiExitNetwork(stages=stages, heads=heads, num_classes=vit.num_classes, input_shape=vit.input_shape,
                              exit_policy=cfg.exit_policy, config=asdict(cfg))
     for part in (model.stages, model.heads):
         part.apply(init_vit_weights)
     return model
-
-
-def _make(defaults: dict, overrides: dict) -> MultiExitNetwork:
-    return build_exit_vit(ExitViTConfig(**{**defaults, **overrides}))
 
 
 @register_model
@@ -116,14 +98,15 @@ def exit_vit_mnist(*, num_stages: int | None = None, exits: Literal["all", "last
                    exit_policy: bool = False, num_classes: int = 10, dim: int = 192, depth: int = 6, heads: int = 3,
                    mlp_ratio: float = 4.0, stem: str = "conv") -> MultiExitNetwork:
     """28×28 MNIST / Fashion-MNIST: 7×7 tokens, DeiT-tiny width (D = 192, 3 heads), 6 blocks, an exit after each."""
-    return _make(dict(in_chans=1, img_size=28, patch_size=4),
-                 dict(num_stages=num_stages, exits=exits, exit_policy=exit_policy, num_classes=num_classes, dim=dim,
-                      depth=depth, heads=heads, mlp_ratio=mlp_ratio, stem=stem))
+    vit = ViTConfig(in_chans=1, img_size=28, patch_size=4, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
+                    num_classes=num_classes, stem=stem)
+    return build_exit_vit(ExitViTConfig(vit=vit, num_stages=num_stages, exits=exits, exit_policy=exit_policy))
 
 
 @register_model
 def test_exit_vit(*, num_stages: int | None = None, exits: Literal["all", "last"] = "all",
                   exit_policy: bool = False, num_classes: int = 10) -> MultiExitNetwork:
     """Tiny variant for tests: 3 blocks of width 16 on 1×8×8 inputs (2×2 patches, conv stem)."""
-    return _make(dict(in_chans=1, img_size=8, patch_size=2, dim=16, depth=3, heads=2, mlp_ratio=2.0, stem="conv"),
-                 dict(num_stages=num_stages, exits=exits, exit_policy=exit_policy, num_classes=num_classes))
+    vit = ViTConfig(in_chans=1, img_size=8, patch_size=2, dim=16, depth=3, heads=2, mlp_ratio=2.0,
+                    num_classes=num_classes, stem="conv")
+    return build_exit_vit(ExitViTConfig(vit=vit, num_stages=num_stages, exits=exits, exit_policy=exit_policy))
