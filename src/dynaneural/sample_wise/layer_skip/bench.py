@@ -218,8 +218,6 @@ def run_layer_skip_bench(recipe: Recipe, *, method: str, out_dir: str | Path, da
     arch = {k: recipe.model_kwargs[k] for k in _ARCH_KEYS if k in recipe.model_kwargs}
     backbone, bmeta = pretrained_backbone(arch, dict(opts.get("backbone_train", {})), data, dataset=recipe.dataset,
                                           cache_dir=Path(opts.get("backbone_dir", "runs")), log=log)
-    model = create_model(recipe.model, **recipe.model_kwargs)
-    assert isinstance(model, LayerSkipNetwork)
     from_scratch = bool(opts.get("from_scratch", False))
     if from_scratch:
         # The gates and the ResNet learn together from a random start, as the AIG and SkipNet papers train them;
@@ -231,9 +229,10 @@ def run_layer_skip_bench(recipe: Recipe, *, method: str, out_dir: str | Path, da
             log(f"{method}: warning: trained from scratch with settings other than the backbone's, so the static "
                 "reference is not equally trained")
         model = create_model(recipe.model, seed=int(recipe.train.get("seed", 0)), **recipe.model_kwargs)
-        assert isinstance(model, LayerSkipNetwork)
     else:
+        model = create_model(recipe.model, **recipe.model_kwargs)
         model.backbone.load_state_dict(backbone.state_dict())
+    assert isinstance(model, LayerSkipNetwork)
     # The trained method is kept beside the results (keyed by everything that determines it), so re-timing after
     # a change to an execute path costs no training; change a setting and the key changes.
     cache = training_dir(out, f"method-{method}", recipe.model, recipe.model_kwargs, recipe.train, recipe.data,
