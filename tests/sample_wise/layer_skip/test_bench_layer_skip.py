@@ -194,3 +194,7 @@ def test_an_interrupted_method_training_resumes_from_its_last_epoch(tmp_path, mo
     monkeypatch.setattr(bench, "train", record)
     rows = bench.run_layer_skip_bench(recipe, method="aig", out_dir=tmp_path / "out", log=lambda _: None)["rows"]
     assert results and results[0].resumed_from is not None and rows
+    # the reported training time counts both epochs, the one before the cut included
+    assert len(results[0].history) == 2
+    assert rows[0].extra["method_train_seconds"]["train"] == pytest.approx(
+        sum(e["seconds"] for e in results[0].history))

@@ -129,19 +129,16 @@ def _train_method(model: LayerSkipNetwork, method: str, recipe: Recipe, data: An
         seconds["policy"] = time.perf_counter() - t0
         joint = int(options.get("joint_epochs", 0))
         if joint:
-            t0 = time.perf_counter()
-            train(model, train_x=data.train_x, train_y=data.train_y, augment=aug, loss_fn=blockdrop_joint_loss(model),
-                  config=TrainConfig.from_dict({**base_cfg, "epochs": joint, **ckpt("joint")}))
-            seconds["joint"] = time.perf_counter() - t0
+            seconds["joint"] = _seconds(train(
+                model, train_x=data.train_x, train_y=data.train_y, augment=aug, loss_fn=blockdrop_joint_loss(model),
+                config=TrainConfig.from_dict({**base_cfg, "epochs": joint, **ckpt("joint")})))
         return seconds
-    t0 = time.perf_counter()
     if method == "skipnet":
         assert isinstance(model, SkipNet)
         model.phase = "supervised"
     stage = "supervised" if method == "skipnet" else "train"
-    train(model, train_x=data.train_x, train_y=data.train_y, augment=aug, loss_fn=_ce,
-          config=TrainConfig.from_dict({**base_cfg, **ckpt(stage)}))
-    seconds[stage] = time.perf_counter() - t0
+    seconds[stage] = _seconds(train(model, train_x=data.train_x, train_y=data.train_y, augment=aug, loss_fn=_ce,
+                                    config=TrainConfig.from_dict({**base_cfg, **ckpt(stage)})))
     if method == "skipnet":
         assert isinstance(model, SkipNet)
         rl = dict(options.get("rl", {}))
@@ -150,12 +147,16 @@ def _train_method(model: LayerSkipNetwork, method: str, recipe: Recipe, data: An
             cost_weight = float(rl.pop("cost_weight", 0.5))
             model.phase = "rl"
             model.exploration = float(rl.pop("exploration", model.exploration))
-            t0 = time.perf_counter()
-            train(model, train_x=data.train_x, train_y=data.train_y, augment=aug,
-                  loss_fn=skipnet_hybrid_loss(model, cost_weight=cost_weight),
-                  config=TrainConfig.from_dict({**base_cfg, "epochs": epochs, **rl, **ckpt("rl")}))
-            seconds["rl"] = time.perf_counter() - t0
+            seconds["rl"] = _seconds(train(
+                model, train_x=data.train_x, train_y=data.train_y, augment=aug,
+                loss_fn=skipnet_hybrid_loss(model, cost_weight=cost_weight),
+                config=TrainConfig.from_dict({**base_cfg, "epochs": epochs, **rl, **ckpt("rl")})))
     return seconds
+
+
+def _seconds(result: Any) -> float:
+    """Training time of every epoch, those before a resume included (each epoch's time is in the history)."""
+    return float(sum(e["seconds"] for e in result.history))
 
 
 def _train_settings(cfg: dict[str, Any]) -> dict[str, Any]:
