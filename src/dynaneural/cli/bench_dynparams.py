@@ -54,7 +54,14 @@ def run_dynparams_bench(recipe: Any, *, data_dir: str | None = None, out_dir: st
     cfg = TrainConfig.from_dict(settings)
     augment = augmentation(opts.get("augment"))
     meta: dict[str, Any] = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0]),
-                            "augment": opts.get("augment")}
+                            "augment": opts.get("augment"), "seed": cfg.seed}
+    unknown = set(opts.get("methods", [])) - set(_METHODS)
+    if unknown:
+        raise ValueError(f"recipe {recipe.name}: unknown methods {sorted(unknown)}; known: {sorted(_METHODS)}")
+    # The dynamic models get the static backbone's widths and classes (a recipe narrows or widens both together).
+    from_backbone = {k: opts.get("backbone", {})[k] for k in ("widths", "num_classes") if k in opts.get("backbone", {})}
+    if "widths" in from_backbone:
+        from_backbone["widths"] = tuple(from_backbone["widths"])
     rows: list[SpeedupRow] = []
 
     def fit(model: torch.nn.Module, name: str, *, model_settings: Any) -> float:
@@ -104,7 +111,7 @@ def run_dynparams_bench(recipe: Any, *, data_dir: str | None = None, out_dir: st
 
     for method in opts.get("methods", list(_METHODS)):
         kwargs = opts.get("model_kwargs", {}).get(method, {})
-        model = create_model(f"{_METHODS[method]}_{suffix}", seed=cfg.seed, **kwargs)
+        model = create_model(f"{_METHODS[method]}_{suffix}", seed=cfg.seed, **{**from_backbone, **kwargs})
         secs = fit(model, method, model_settings={"config": model.config, "kwargs": kwargs})
         ev = evaluate(model, data.test_x, data.test_y, mode="execute")
         with torch.inference_mode():
@@ -163,6 +170,10 @@ def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
     d.add_argument("--recipe", default=None, help="default: dynparams_<dataset>")
     d.add_argument("--quick", action="store_true", help="the recipe's quick variant")
     d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--seed", type=int, default=None, help="training seed (initialisation and data order; the "
+                                                          "validation split stays the recipe's); default: the recipe's")
+    d.add_argument("--methods", default=None, help="comma-separated subset of the recipe's methods "
+                                                   f"({','.join(_METHODS)})")
     d.add_argument("--threads", type=int, default=1, help="torch threads (timing is per thread count)")
     d.add_argument("--json", default=None, help="write the rows here (e.g. benchmarks/dynparams_fashion_mnist.json)")
     d.add_argument("--out", default=None, help="folder for resumable, reusable training checkpoints "

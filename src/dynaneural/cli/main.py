@@ -36,6 +36,10 @@ def _recipe(args: argparse.Namespace) -> Any:
     overrides: dict[str, Any] = {}
     if getattr(args, "epochs", None):
         overrides["epochs"] = args.epochs
+    if getattr(args, "seed", None) is not None:  # another training seed (init and data order); data split kept
+        overrides["seed"] = int(args.seed)
+    if getattr(args, "methods", None):
+        recipe.options["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
     if overrides:
         recipe.train.update(overrides)
     return recipe.quick_variant() if getattr(args, "quick", False) else recipe

@@ -27,8 +27,11 @@ def test_dynparams_bench_rows_equal_flops_reference_and_reuse(tiny_mnist, tmp_pa
     monkeypatch.setattr(registry, "create_model", lambda name, **kw: made.append((name, kw)) or create(name, **kw))
     first = run_dynparams_bench(_recipe(), out_dir=tmp_path, log=lambda s: None)
     assert [(r.method, r.batch_size) for r in first["rows"]] == [("condconv", 16), ("dynamic_conv", 16)]
-    assert made[0] == ("condconv_mnist", {"seed": 0, "num_experts": 2})  # the recipe's kwargs reach the factory
+    # The recipe's kwargs reach the factory, and the dynamic models get the static backbone's widths and classes.
+    assert made[0] == ("condconv_mnist", {"seed": 0, "widths": (8, 16, 16), "num_classes": 3, "num_experts": 2})
+    assert made[1][1]["widths"] == (8, 16, 16)
     meta = first["meta"]
+    assert meta["seed"] == 0
     assert meta["equal_flops_static_flops"] > meta["static_flops"]
     for r in first["rows"]:
         assert r.mean_flops > r.static_flops  # routing and kernel mixing cost a little more than the static conv
@@ -49,3 +52,40 @@ def test_dynparams_bench_rejects_an_unknown_augmentation(tiny_mnist):
     tiny_mnist(train=32, val=32, test=16)
     with pytest.raises(ValueError, match="augment"):
         run_dynparams_bench(_recipe(augment="mixup"), log=lambda s: None)
+
+
+def test_dynparams_bench_rejects_an_unknown_method(tiny_mnist):
+    tiny_mnist(train=32, val=32, test=16)
+    with pytest.raises(ValueError, match="unknown methods"):
+        run_dynparams_bench(_recipe(methods=["condconv", "lora"]), log=lambda s: None)
+
+
+def test_bench_seed_and_methods_flags_override_the_recipe():
+    """``--seed`` changes only the training seed (the split seed stays); ``--methods`` narrows the method list."""
+    import argparse
+
+    from dynaneural.cli.main import _recipe as load
+
+    args = argparse.Namespace(recipe="dynparams_mnist", epochs=None, quick=False, seed=3,
+                              methods="condconv, dynamic_conv")
+    recipe = load(args)
+    assert recipe.train["seed"] == 3 and recipe.data["seed"] == 0
+    assert recipe.options["methods"] == ["condconv", "dynamic_conv"]
+    default = load(argparse.Namespace(recipe="dynparams_mnist", epochs=None, quick=False, seed=None, methods=None))
+    assert default.train["seed"] == 0 and default.options["methods"] == ["condconv", "dynamic_conv", "squeeze_excite"]
+
+
+def test_dataset_config_widths_and_refusals():
+    from dynaneural.registry import create_model
+    from dynaneural.sample_wise.dynamic_params.backbone import dataset_config
+
+    assert dataset_config("mnist").widths == (32, 64, 128)
+    assert dataset_config("cifar10", widths=[8, 16, 32, 32]).strides == (1, 2, 2, 1)
+    for name in ("condconv_mnist", "dynamic_conv_mnist", "se_convnet_mnist", "hypernetwork_mnist"):
+        assert create_model(name, widths=(8, 16, 32)).config["widths"] == (8, 16, 32)
+    with pytest.raises(ValueError, match="widths"):
+        dataset_config("mnist", widths=(8, 16))
+    with pytest.raises(ValueError, match="widths"):
+        dataset_config("cifar10", widths=(8, 0, 16, 16))
+    with pytest.raises(ValueError, match="layout"):
+        dataset_config("imagenet")

@@ -29,7 +29,7 @@ from dynaneural.outputs import DynamicOutput
 from dynaneural.sample_wise.dynamic_params.functional import conv_output_size
 from dynaneural.validation import check_batch
 
-__all__ = ["ConvNetConfig", "ParamConvNet", "build_static_convnet"]
+__all__ = ["ConvNetConfig", "ParamConvNet", "build_static_convnet", "dataset_config"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,26 @@ class ConvNetConfig:
         for s in self.strides:
             out.append(conv_output_size(out[-1], kernel_size=3, stride=s, padding=1))
         return out
+
+
+_DATASET_LAYOUTS = {  # (in_chans, input_size, default widths, strides)
+    "mnist": (1, 28, (32, 64, 128), (1, 2, 2)),
+    "cifar10": (3, 32, (32, 64, 128, 128), (1, 2, 2, 1)),
+}
+
+
+def dataset_config(dataset: str, *, num_classes: int = 10, widths: tuple[int, ...] | list[int] | None = None
+                   ) -> ConvNetConfig:
+    """The backbone layout the ``*_mnist`` / ``*_cifar10`` factories share: 28×28×1 with strides 1-2-2 (default
+    widths 32-64-128) or 32×32×3 with strides 1-2-2-1 (default 32-64-128-128). ``widths`` changes the channels
+    (one per layer: the stem's, then each dynamic layer's), e.g. a narrow network where capacity is scarce."""
+    if dataset not in _DATASET_LAYOUTS:
+        raise ValueError(f"unknown dataset layout {dataset!r}; known: {sorted(_DATASET_LAYOUTS)}")
+    in_chans, size, default, strides = _DATASET_LAYOUTS[dataset]
+    w = tuple(int(c) for c in (default if widths is None else widths))
+    if len(w) != len(strides) or min(w) < 1:
+        raise ValueError(f"{dataset}: widths must be {len(strides)} positive channel counts, got {widths}")
+    return ConvNetConfig(in_chans=in_chans, input_size=size, num_classes=num_classes, widths=w, strides=strides)
 
 
 LayerFactory = Callable[..., nn.Module]  # (in_chs=, out_chs=, stride=, in_size=) -> dynamic layer

@@ -32,7 +32,7 @@ from torch import nn
 from dynaneural.compute.flops import register_flops_rule
 from dynaneural.execution import Mode
 from dynaneural.registry import register_model
-from dynaneural.sample_wise.dynamic_params.backbone import ConvNetConfig, ParamConvNet
+from dynaneural.sample_wise.dynamic_params.backbone import ConvNetConfig, ParamConvNet, dataset_config
 from dynaneural.sample_wise.dynamic_params.functional import conv_output_size, per_sample_conv2d
 
 __all__ = ["CondConv2d", "build_condconv_net"]
@@ -98,17 +98,17 @@ def build_condconv_net(cfg: ConvNetConfig, *, num_experts: int = 4) -> ParamConv
 
 
 @register_model
-def condconv_mnist(*, num_experts: int = 4, num_classes: int = 10) -> ParamConvNet:
-    """28×28 (Fashion-)MNIST: stem 32 → CondConv 64 (stride 2) → CondConv 128 (stride 2)."""
-    return build_condconv_net(ConvNetConfig(in_chans=1, input_size=28, num_classes=num_classes),
+def condconv_mnist(*, num_experts: int = 4, num_classes: int = 10, widths: tuple[int, ...] | None = None) -> ParamConvNet:
+    """28×28 (Fashion-)MNIST: stem 32 → CondConv 64 (stride 2) → CondConv 128 (stride 2) (or ``widths``)."""
+    return build_condconv_net(dataset_config("mnist", num_classes=num_classes, widths=widths),
                               num_experts=num_experts)
 
 
 @register_model
-def condconv_cifar10(*, num_experts: int = 4, num_classes: int = 10) -> ParamConvNet:
-    """32×32 CIFAR-10: stem 32 → CondConv 64, 128 (stride 2), 128."""
-    return build_condconv_net(ConvNetConfig(in_chans=3, input_size=32, num_classes=num_classes,
-                                            widths=(32, 64, 128, 128), strides=(1, 2, 2, 1)), num_experts=num_experts)
+def condconv_cifar10(*, num_experts: int = 4, num_classes: int = 10, widths: tuple[int, ...] | None = None) -> ParamConvNet:
+    """32×32 CIFAR-10: stem 32 → CondConv 64, 128 (stride 2), 128 (or ``widths``)."""
+    return build_condconv_net(dataset_config("cifar10", num_classes=num_classes, widths=widths),
+                              num_experts=num_experts)
 
 
 @register_model

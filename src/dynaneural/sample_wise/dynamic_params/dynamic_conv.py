@@ -31,7 +31,7 @@ from dynaneural.compute.flops import register_flops_rule
 from dynaneural.execution import Mode
 from dynaneural.policies import TemperatureSchedule
 from dynaneural.registry import register_model
-from dynaneural.sample_wise.dynamic_params.backbone import ConvNetConfig, ParamConvNet
+from dynaneural.sample_wise.dynamic_params.backbone import ConvNetConfig, ParamConvNet, dataset_config
 from dynaneural.sample_wise.dynamic_params.functional import conv_output_size, per_sample_conv2d
 
 __all__ = ["DynamicConv2d", "build_dynamic_conv_net"]
@@ -120,18 +120,17 @@ def build_dynamic_conv_net(cfg: ConvNetConfig, *, num_kernels: int = 4, tau_star
 
 @register_model
 def dynamic_conv_mnist(*, num_kernels: int = 4, tau_start: float = 30.0, anneal_fraction: float = 0.3,
-                       num_classes: int = 10) -> ParamConvNet:
-    """28×28 (Fashion-)MNIST: stem 32 → DyConv 64 (stride 2) → DyConv 128 (stride 2)."""
-    return build_dynamic_conv_net(ConvNetConfig(in_chans=1, input_size=28, num_classes=num_classes),
+                       num_classes: int = 10, widths: tuple[int, ...] | None = None) -> ParamConvNet:
+    """28×28 (Fashion-)MNIST: stem 32 → DyConv 64 (stride 2) → DyConv 128 (stride 2) (or ``widths``)."""
+    return build_dynamic_conv_net(dataset_config("mnist", num_classes=num_classes, widths=widths),
                                   num_kernels=num_kernels, tau_start=tau_start, anneal_fraction=anneal_fraction)
 
 
 @register_model
 def dynamic_conv_cifar10(*, num_kernels: int = 4, tau_start: float = 30.0, anneal_fraction: float = 0.3,
-                         num_classes: int = 10) -> ParamConvNet:
-    """32×32 CIFAR-10: stem 32 → DyConv 64, 128 (stride 2), 128."""
-    return build_dynamic_conv_net(ConvNetConfig(in_chans=3, input_size=32, num_classes=num_classes,
-                                                widths=(32, 64, 128, 128), strides=(1, 2, 2, 1)),
+                         num_classes: int = 10, widths: tuple[int, ...] | None = None) -> ParamConvNet:
+    """32×32 CIFAR-10: stem 32 → DyConv 64, 128 (stride 2), 128 (or ``widths``)."""
+    return build_dynamic_conv_net(dataset_config("cifar10", num_classes=num_classes, widths=widths),
                                   num_kernels=num_kernels, tau_start=tau_start, anneal_fraction=anneal_fraction)
 
 

@@ -39,7 +39,7 @@ from torch import nn
 from dynaneural.compute.flops import register_flops_rule
 from dynaneural.execution import Mode
 from dynaneural.registry import register_model
-from dynaneural.sample_wise.dynamic_params.backbone import ConvNetConfig, ParamConvNet
+from dynaneural.sample_wise.dynamic_params.backbone import ConvNetConfig, ParamConvNet, dataset_config
 from dynaneural.sample_wise.dynamic_params.functional import conv_output_size, per_sample_conv2d
 
 __all__ = ["HyperConv2d", "build_hypernetwork_net"]
@@ -118,17 +118,18 @@ def build_hypernetwork_net(cfg: ConvNetConfig, *, embed_dim: int = 8, chunk: int
 
 
 @register_model
-def hypernetwork_mnist(*, embed_dim: int = 8, chunk: int = 16, num_classes: int = 10) -> ParamConvNet:
-    """28×28 (Fashion-)MNIST: stem 32 → HyperConv 64 (stride 2) → HyperConv 128 (stride 2)."""
-    return build_hypernetwork_net(ConvNetConfig(in_chans=1, input_size=28, num_classes=num_classes),
+def hypernetwork_mnist(*, embed_dim: int = 8, chunk: int = 16, num_classes: int = 10,
+                       widths: tuple[int, ...] | None = None) -> ParamConvNet:
+    """28×28 (Fashion-)MNIST: stem 32 → HyperConv 64 (stride 2) → HyperConv 128 (stride 2) (or ``widths``)."""
+    return build_hypernetwork_net(dataset_config("mnist", num_classes=num_classes, widths=widths),
                                   embed_dim=embed_dim, chunk=chunk)
 
 
 @register_model
-def hypernetwork_cifar10(*, embed_dim: int = 8, chunk: int = 16, num_classes: int = 10) -> ParamConvNet:
-    """32×32 CIFAR-10: stem 32 → HyperConv 64, 128 (stride 2), 128."""
-    return build_hypernetwork_net(ConvNetConfig(in_chans=3, input_size=32, num_classes=num_classes,
-                                                widths=(32, 64, 128, 128), strides=(1, 2, 2, 1)),
+def hypernetwork_cifar10(*, embed_dim: int = 8, chunk: int = 16, num_classes: int = 10,
+                         widths: tuple[int, ...] | None = None) -> ParamConvNet:
+    """32×32 CIFAR-10: stem 32 → HyperConv 64, 128 (stride 2), 128 (or ``widths``)."""
+    return build_hypernetwork_net(dataset_config("cifar10", num_classes=num_classes, widths=widths),
                                   embed_dim=embed_dim, chunk=chunk)
 
 

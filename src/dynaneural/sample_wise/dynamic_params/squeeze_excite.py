@@ -25,7 +25,7 @@ from torch import nn
 from dynaneural.compute.flops import register_flops_rule
 from dynaneural.execution import Mode
 from dynaneural.registry import register_model
-from dynaneural.sample_wise.dynamic_params.backbone import ConvNetConfig, ParamConvNet
+from dynaneural.sample_wise.dynamic_params.backbone import ConvNetConfig, ParamConvNet, dataset_config
 from dynaneural.sample_wise.dynamic_params.functional import conv_output_size
 
 __all__ = ["SEConv2d", "build_se_net"]
@@ -82,16 +82,15 @@ def build_se_net(cfg: ConvNetConfig, *, reduction: int = 4) -> ParamConvNet:
 
 
 @register_model
-def se_convnet_mnist(*, reduction: int = 4, num_classes: int = 10) -> ParamConvNet:
-    """28×28 (Fashion-)MNIST: stem 32 → conv-SE 64 (stride 2) → conv-SE 128 (stride 2)."""
-    return build_se_net(ConvNetConfig(in_chans=1, input_size=28, num_classes=num_classes), reduction=reduction)
+def se_convnet_mnist(*, reduction: int = 4, num_classes: int = 10, widths: tuple[int, ...] | None = None) -> ParamConvNet:
+    """28×28 (Fashion-)MNIST: stem 32 → conv-SE 64 (stride 2) → conv-SE 128 (stride 2) (or ``widths``)."""
+    return build_se_net(dataset_config("mnist", num_classes=num_classes, widths=widths), reduction=reduction)
 
 
 @register_model
-def se_convnet_cifar10(*, reduction: int = 4, num_classes: int = 10) -> ParamConvNet:
-    """32×32 CIFAR-10: stem 32 → conv-SE 64, 128 (stride 2), 128."""
-    return build_se_net(ConvNetConfig(in_chans=3, input_size=32, num_classes=num_classes, widths=(32, 64, 128, 128),
-                                      strides=(1, 2, 2, 1)), reduction=reduction)
+def se_convnet_cifar10(*, reduction: int = 4, num_classes: int = 10, widths: tuple[int, ...] | None = None) -> ParamConvNet:
+    """32×32 CIFAR-10: stem 32 → conv-SE 64, 128 (stride 2), 128 (or ``widths``)."""
+    return build_se_net(dataset_config("cifar10", num_classes=num_classes, widths=widths), reduction=reduction)
 
 
 @register_model
