@@ -18,6 +18,7 @@ with random crops and flips.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -157,10 +158,69 @@ def run_dynparams_bench(recipe: Any, *, data_dir: str | None = None, out_dir: st
     return {"rows": rows, "meta": meta}
 
 
-def cmd_bench_dynparams(args: argparse.Namespace) -> int:
-    from dynaneural.cli.main import run_recipe_bench
+def seed_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Across training seeds, per method: the accuracies, the gains (pp) over the static CNN of the same widths
+    and over the one of equal FLOPs, their mean and sample standard deviation, and on how many seeds the gain over
+    the equal-FLOPs CNN is positive. ``per_seed`` maps a seed to one run's ``{rows, meta}``."""
+    import statistics
 
-    return run_recipe_bench(args, prefix="dynparams", run=run_dynparams_bench)
+    out: dict[str, Any] = {}
+    for seed, res in sorted(per_seed.items()):
+        for r in res["rows"]:
+            if r.extra.get("accuracy_gain_pp") is None or r.batch_size != res["rows"][0].batch_size:
+                continue  # one row per method and seed (the first batch size); gated dense has its own reference
+            m = out.setdefault(r.method, {"seeds": [], "accuracy": [], "static_accuracy": [],
+                                          "equal_flops_static_accuracy": [], "gain_pp": [], "gain_vs_equal_flops_pp": []})
+            m["seeds"].append(seed)
+            m["accuracy"].append(r.accuracy)
+            m["static_accuracy"].append(res["meta"]["static_accuracy"])
+            m["gain_pp"].append(r.extra["accuracy_gain_pp"])
+            if "accuracy_gain_vs_equal_flops_pp" in r.extra:
+                m["equal_flops_static_accuracy"].append(res["meta"]["equal_flops_static_accuracy"])
+                m["gain_vs_equal_flops_pp"].append(r.extra["accuracy_gain_vs_equal_flops_pp"])
+    for m in out.values():
+        for key in ("accuracy", "static_accuracy", "equal_flops_static_accuracy", "gain_pp", "gain_vs_equal_flops_pp"):
+            vals = m[key]
+            m[f"{key}_mean"] = statistics.fmean(vals) if vals else None
+            m[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else None
+        m["seeds_ahead_of_equal_flops"] = sum(g > 0 for g in m["gain_vs_equal_flops_pp"])
+    return out
+
+
+def cmd_bench_dynparams(args: argparse.Namespace) -> int:
+    from dynaneural.cli.main import _maybe_reexec_with_tuned_allocator, run_recipe_bench
+
+    if not args.seeds:
+        return run_recipe_bench(args, prefix="dynparams", run=run_dynparams_bench)
+    if args.seed is not None:
+        raise SystemExit("give either --seed or --seeds, not both")
+    _maybe_reexec_with_tuned_allocator(args)
+    per_seed: dict[int, dict[str, Any]] = {}
+
+    def run(recipe: Any, **kw: Any) -> dict[str, Any]:
+        per_seed[args.seed] = res = run_dynparams_bench(recipe, **kw)
+        for r in res["rows"]:
+            r.extra["seed"] = args.seed
+        return res
+
+    json_path = args.json
+    args.json = None  # one JSON for every seed, below
+    for seed in args.seeds:
+        args.seed = seed
+        run_recipe_bench(args, prefix="dynparams", run=run)
+    summary = seed_summary(per_seed)
+    for method, m in summary.items():
+        print(f"{method}: gain over the equal-FLOPs static CNN {m['gain_vs_equal_flops_pp_mean']:+.2f} ± "
+              f"{m['gain_vs_equal_flops_pp_std'] or 0:.2f} pp over seeds {m['seeds']} "
+              f"(ahead on {m['seeds_ahead_of_equal_flops']} of {len(m['seeds'])})")
+    if json_path:
+        from dynaneural.bench.rows import write_bench_json
+
+        rows = [r for s in sorted(per_seed) for r in per_seed[s]["rows"]]
+        path = write_bench_json(json_path, rows, recipe=args.recipe, seeds=list(args.seeds),
+                                per_seed_meta={s: per_seed[s]["meta"] for s in sorted(per_seed)}, summary=summary)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
 
 
 def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
@@ -172,6 +232,8 @@ def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
     d.add_argument("--epochs", type=int, default=None)
     d.add_argument("--seed", type=int, default=None, help="training seed (initialisation and data order; the "
                                                           "validation split stays the recipe's); default: the recipe's")
+    d.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run every seed in turn (each as --seed) and write one JSON with a summary across seeds")
     d.add_argument("--methods", default=None, help="comma-separated subset of the recipe's methods "
                                                    f"({','.join(_METHODS)})")
     d.add_argument("--threads", type=int, default=1, help="torch threads (timing is per thread count)")

@@ -89,3 +89,24 @@ def test_dataset_config_widths_and_refusals():
         dataset_config("cifar10", widths=(8, 0, 16, 16))
     with pytest.raises(ValueError, match="layout"):
         dataset_config("imagenet")
+
+
+def test_seed_summary_gains_across_seeds():
+    from dynaneural.bench.rows import SpeedupRow
+    from dynaneural.cli.bench_dynparams import seed_summary
+
+    def run(acc, static, equal):
+        rows = [SpeedupRow(method="condconv", batch_size=b, accuracy=acc, mean_flops=2.0, static_flops=1.9,
+                           theoretical_speedup=0.95, realized_speedup=0.5, realized_over_theoretical=0.5,
+                           static_ms_per_sample=1.0, dynamic_ms_per_sample=2.0, timed_samples=64,
+                           extra={"accuracy_gain_pp": (acc - static) * 100,
+                                  "accuracy_gain_vs_equal_flops_pp": (acc - equal) * 100}) for b in (64, 1)]
+        return {"rows": rows, "meta": {"static_accuracy": static, "equal_flops_static_accuracy": equal}}
+
+    s = seed_summary({0: run(0.90, 0.88, 0.89), 1: run(0.91, 0.90, 0.92), 2: run(0.93, 0.90, 0.90)})["condconv"]
+    assert s["seeds"] == [0, 1, 2]  # one entry per seed, although each seed has two batch-size rows
+    assert s["gain_vs_equal_flops_pp"] == pytest.approx([1.0, -1.0, 3.0])
+    assert s["gain_vs_equal_flops_pp_mean"] == pytest.approx(1.0)
+    assert s["gain_vs_equal_flops_pp_std"] == pytest.approx(2.0)
+    assert s["seeds_ahead_of_equal_flops"] == 2
+    assert s["gain_pp_mean"] == pytest.approx((2.0 + 1.0 + 3.0) / 3)
