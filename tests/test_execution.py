@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dynaneural.execution import group_rows, rows_where, run_rows
+from dynaneural.execution import group_rows, rows_where, run_rows, select_rows, tree_index_select
 
 
 def test_run_rows_computes_only_the_selected_rows():
@@ -76,3 +76,24 @@ def test_check_slots_rejects_non_positive_and_non_int():
     for bad in (0, -2, 2.5, True, "4", None):
         with pytest.raises(ValueError, match="slots"):
             check_slots(bad)
+
+
+def test_compaction_keeps_a_channels_last_map_channels_last():
+    """A sub-batch gathered from a channels-last map is channels-last too, so its convolutions run in the same
+    layout as the full batch's; values equal index_select's, and a run block's rows scatter back unchanged."""
+    x = torch.randn(8, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    idx = torch.tensor([6, 1, 3])
+    sub = select_rows(x, idx)
+    assert sub.is_contiguous(memory_format=torch.channels_last) and not sub.is_contiguous()
+    assert torch.equal(sub, x.index_select(0, idx))
+    assert tree_index_select({"h": x}, idx)["h"].is_contiguous(memory_format=torch.channels_last)
+    plain = torch.randn(8, 6, 5, 5)
+    assert select_rows(plain, idx).is_contiguous()  # standard layout stays standard
+    conv = torch.nn.Conv2d(6, 6, 3, padding=1).to(memory_format=torch.channels_last)
+    seen = []
+    out = run_rows(lambda t: seen.append(t.is_contiguous(memory_format=torch.channels_last)) or conv(t), x, idx)
+    assert seen == [True]
+    ref = x.clone()
+    ref[idx] = conv(x[idx])
+    torch.testing.assert_close(out, ref)
+    assert out.is_contiguous(memory_format=torch.channels_last)

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 
 __all__ = ["Mode", "check_slots", "group_rows", "rows_where", "run_rows", "scatter_exits", "retire_rows",
-           "tree_cat", "tree_index_select", "tree_map", "tree_slice"]
+           "select_rows", "tree_cat", "tree_index_select", "tree_map", "tree_slice"]
 
 
 class Mode(str, Enum):
@@ -53,9 +53,22 @@ def tree_map(fn: Any, tree: T) -> T:
     return tree
 
 
+def select_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, index)`` that keeps a channels-last feature map channels-last.
+
+    ``index_select`` returns a standard-contiguous tensor; for an (N, C, H, W) map stored channels-last (the faster
+    convolution layout on CPU) the compacted sub-batch would then run its convolutions in the other layout and be
+    converted back when scattered. Gathering the NHWC view instead keeps the layout, at the same copy cost.
+    """
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).index_select(0, index).permute(0, 3, 1, 2)
+    return x.index_select(0, index)
+
+
 def tree_index_select(tree: T, index: torch.Tensor) -> T:
-    """Keep the rows ``index`` (dim 0) of every tensor in a nested state: the compaction step."""
-    return tree_map(lambda t: t.index_select(0, index), tree)
+    """Keep the rows ``index`` (dim 0) of every tensor in a nested state: the compaction step (memory layout
+    kept, :func:`select_rows`)."""
+    return tree_map(lambda t: select_rows(t, index), tree)
 
 
 def tree_slice(tree: T, start: int | None = None, stop: int | None = None) -> T:
@@ -117,12 +130,13 @@ def run_rows(fn: Any, x: torch.Tensor, index: torch.Tensor, *, into: torch.Tenso
     base = x if into is None else into
     if n == 0:
         return base
-    y = fn(x.index_select(0, index))
+    y = fn(select_rows(x, index))
     if inplace:
         if torch.is_grad_enabled() and base.requires_grad:
             raise ValueError("run_rows(inplace=True) would overwrite a tensor autograd may need; use inplace=False")
         return base.index_copy_(0, index, y.to(base.dtype))
-    return base.index_copy(0, index, y.to(base.dtype))
+    # index_copy (out of place) would return a standard-contiguous copy of a channels-last state: keep its layout.
+    return base.clone(memory_format=torch.preserve_format).index_copy_(0, index, y.to(base.dtype))
 
 
 def group_rows(keys: torch.Tensor, num_groups: int) -> list[torch.Tensor]:

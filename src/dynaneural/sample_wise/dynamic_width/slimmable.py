@@ -41,7 +41,7 @@ from dynaneural.calibration import calibrate_knob
 from dynaneural.calibration.thresholds import KnobCalibration
 from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import AllOnFlag, DynamicModel, resolve_mode
-from dynaneural.execution import Mode, group_rows
+from dynaneural.execution import Mode, group_rows, select_rows
 from dynaneural.outputs import DynamicOutput
 from dynaneural.registry import register_model
 from dynaneural.sample_wise.dynamic_params.functional import FoldedBN, conv_output_size
@@ -224,7 +224,7 @@ class SlimmableCNN(AllOnFlag, DynamicModel):
             for lv, rows in enumerate(group_rows(level, self.num_levels)):
                 if rows.numel() == 0:
                     continue
-                sub = x if rows.numel() == b else x.index_select(0, rows)  # the rows that chose this width
+                sub = x if rows.numel() == b else select_rows(x, rows)  # the rows that chose this width
                 logits.index_copy_(0, rows, self.run_level(sub, lv, folded=True))
                 ledger.charge(self.level_cost[lv], rows, part="backbone")
             return SlimmableOutput(logits=logits, cost=ledger.flops, decisions={"width": level}, mode=mode,
