@@ -134,9 +134,7 @@ def cmd_bench_tokens(args: argparse.Namespace) -> int:
     _maybe_reexec_with_tuned_allocator(args)
     torch.set_num_threads(args.threads)
     args.recipe = args.recipe or f"tokens_{args.dataset.replace('-', '_')}"
-    recipe = _recipe(args)
-    if args.methods:
-        recipe.options["methods"] = args.methods.split(",")
+    recipe = _recipe(args)  # applies --methods
     out = run_token_bench(recipe, data_dir=args.data_dir, out_dir=args.out, log=lambda s: print(s, flush=True))
     print(format_rows(out["rows"]))
     if args.json:
