@@ -22,6 +22,8 @@ Down-sampling blocks run dense. Training uses the same straight-through Gumbel g
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,10 +44,34 @@ def tile_mask_to_pixels(tile_mask: torch.Tensor, block: int, height: int, width:
     return m[:, :height, :width]
 
 
-def _tile_coords(tiles: ActivePositions, block: int, size: int, halo: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, size) row and column coordinates of every tile's patch (tile origin − halo onwards)."""
-    ar = torch.arange(size, device=tiles.row.device)
-    return (tiles.row * block - halo)[:, None] + ar, (tiles.col * block - halo)[:, None] + ar
+@functools.lru_cache(maxsize=128)
+def _patch_table(height: int, width: int, block: int, halo: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per tile of the grid, the pixel offsets of its patch inside one sample, computed once per map shape.
+
+    Returns ``(offset, outside, inside)``: ``offset`` (Th·Tw, S·S) int64, the row index ``r·W + q`` of every
+    patch pixel at clamped coordinates; ``outside`` (Th·Tw, S·S) bool, the patch pixels outside the image (None
+    when no tile has any); ``inside`` (Th·Tw, 1, S, S) float, its complement. S = block + 2·halo.
+    A call then needs one lookup per tile instead of rebuilding every coordinate (a dozen small tensor ops, a
+    measurable part of a kernel that runs in a few milliseconds).
+    """
+    th, tw = -(-height // block), -(-width // block)
+    grid = torch.arange(th * tw, device=device)
+    size = block + 2 * halo
+    ar = torch.arange(size, device=device)
+    r = ((grid // tw) * block - halo)[:, None] + ar  # (Th·Tw, S)
+    q = ((grid % tw) * block - halo)[:, None] + ar
+    offset = (r.clamp(0, height - 1)[:, :, None] * width + q.clamp(0, width - 1)[:, None, :]).reshape(th * tw, -1)
+    out_r, out_q = (r < 0) | (r >= height), (q < 0) | (q >= width)
+    outside = (out_r[:, :, None] | out_q[:, None, :]).reshape(th * tw, -1)
+    inside = (~outside).view(th * tw, 1, size, size).float()
+    return offset, (outside if bool(outside.any()) else None), inside
+
+
+def _tile_slots(tiles: ActivePositions) -> torch.Tensor:
+    """(T,) index of every active tile in its sample's tile grid (row-major)."""
+    _, th, tw = tiles.shape
+    return tiles.flat % (th * tw)
 
 
 def gather_tiles(x_nhwc: torch.Tensor, tiles: ActivePositions, *, block: int, halo: int) -> torch.Tensor:
@@ -55,7 +81,7 @@ def gather_tiles(x_nhwc: torch.Tensor, tiles: ActivePositions, *, block: int, ha
     that fall outside the image (the halo at the border, a ragged last tile) are zeroed in place. The input is
     never padded: a zero-padded copy costs a fill and a copy of the *whole* feature map (~0.35 ms of 3.5 ms for
     the kernel bench's 64 × 8 × 56 × 56 map at 25 % of the tiles), whereas this costs in proportion to the active
-    tiles only.
+    tiles only. The patch coordinates come from a per-shape table (:func:`_patch_table`).
 
     Args:
         x_nhwc: (B, H, W, C) contiguous feature map.
@@ -67,12 +93,12 @@ def gather_tiles(x_nhwc: torch.Tensor, tiles: ActivePositions, *, block: int, ha
     """
     b, h, w, c = x_nhwc.shape
     size = block + 2 * halo
-    r, q = _tile_coords(tiles, block, size, halo)  # (T, S) each
-    index = tiles.batch[:, None, None] * (h * w) + r.clamp(0, h - 1)[:, :, None] * w + q.clamp(0, w - 1)[:, None, :]
+    offset, outside, _ = _patch_table(h, w, block, halo, x_nhwc.device)
+    slots = _tile_slots(tiles)
+    index = (tiles.batch * (h * w))[:, None] + offset.index_select(0, slots)  # (T, S·S)
     patches = x_nhwc.reshape(b * h * w, c).index_select(0, index.reshape(-1))  # (T·S·S, C)
-    if halo > 0 or h % block or w % block:
-        outside = ((r < 0) | (r >= h))[:, :, None] | ((q < 0) | (q >= w))[:, None, :]  # (T, S, S)
-        bad = outside.reshape(-1).nonzero().squeeze(1)
+    if outside is not None:
+        bad = outside.index_select(0, slots).reshape(-1).nonzero().squeeze(1)
         if bad.numel():
             patches.index_fill_(0, bad, 0.0)
     return patches.view(tiles.count, size, size, c).permute(0, 3, 1, 2)
@@ -80,23 +106,21 @@ def gather_tiles(x_nhwc: torch.Tensor, tiles: ActivePositions, *, block: int, ha
 
 def _inside(tiles: ActivePositions, *, block: int, halo: int, height: int, width: int) -> torch.Tensor:
     """(T, 1, S, S) float: 1 where a patch pixel lies inside the image."""
-    size = block + 2 * halo
-    r, q = _tile_coords(tiles, block, size, halo)
-    ok = ((r >= 0) & (r < height))[:, :, None] & ((q >= 0) & (q < width))[:, None, :]
-    return ok[:, None].float()
+    return _patch_table(height, width, block, halo, tiles.flat.device)[2].index_select(0, _tile_slots(tiles))
 
 
 def scatter_tiles(out_rows: torch.Tensor, tiles: ActivePositions, values: torch.Tensor, *, block: int,
                   height: int, width: int) -> torch.Tensor:
     """SBNet's sparse scatter: write tile interiors (T, C, block, block) into ``out_rows`` (B·H·W, C) in place
     (pixels of a ragged last tile that fall outside the image are dropped)."""
-    r, q = _tile_coords(tiles, block, block, 0)
-    index = tiles.batch[:, None, None] * (height * width) + r[:, :, None] * width + q[:, None, :]  # (T, bs, bs)
+    offset, outside, _ = _patch_table(height, width, block, 0, tiles.flat.device)
+    slots = _tile_slots(tiles)
+    index = ((tiles.batch * (height * width))[:, None] + offset.index_select(0, slots)).reshape(-1)
     rows = values.permute(0, 2, 3, 1).reshape(-1, values.shape[1])
-    if height % block or width % block:
-        ok = ((r < height)[:, :, None] & (q < width)[:, None, :]).reshape(-1)
-        return out_rows.index_copy_(0, index.reshape(-1)[ok], rows[ok])
-    return out_rows.index_copy_(0, index.reshape(-1), rows)
+    if outside is not None:  # a ragged last tile: its clamped pixels would overwrite the border ones
+        ok = ~outside.index_select(0, slots).reshape(-1)
+        return out_rows.index_copy_(0, index[ok], rows[ok])
+    return out_rows.index_copy_(0, index, rows)
 
 
 def block_sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile_mask: torch.Tensor,
