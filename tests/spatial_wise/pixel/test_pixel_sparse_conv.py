@@ -115,3 +115,18 @@ def test_gather_tiles_equals_slices_of_the_zero_padded_map(h, w, block, halo):
     ref = torch.stack([padded[b, :, i * block:i * block + size, j * block:j * block + size]
                        for b, i, j in zip(tiles.batch.tolist(), tiles.row.tolist(), tiles.col.tolist(), strict=True)])
     torch.testing.assert_close(gather_tiles(nhwc(x), tiles, block=block, halo=halo), ref, rtol=0, atol=0)
+
+
+def test_sbnet_patch_coordinates_are_built_once_per_shape():
+    from dynaneural.spatial_wise.pixel import sbnet
+
+    x, wt = torch.randn(2, 3, 10, 10), torch.randn(4, 3, 3, 3)
+    tiles = torch.rand(2, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.5
+    tiles[0, 0, 0] = True
+    sbnet._patch_table.cache_clear()
+    first = block_sparse_conv2d(x, wt, None, tiles, block=4)
+    misses = sbnet._patch_table.cache_info().misses  # gather (halo 1) and scatter (halo 0) tables
+    assert misses == 2
+    again = block_sparse_conv2d(x, wt, None, tiles, block=4)
+    assert sbnet._patch_table.cache_info().misses == misses and sbnet._patch_table.cache_info().hits >= 2
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
