@@ -184,7 +184,28 @@ def seed_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
             m[f"{key}_mean"] = statistics.fmean(vals) if vals else None
             m[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else None
         m["seeds_ahead_of_equal_flops"] = sum(g > 0 for g in m["gain_vs_equal_flops_pp"])
+        m.update(_gain_tests(m["gain_vs_equal_flops_pp"], prefix="gain_vs_equal_flops"))
     return out
+
+
+def _gain_tests(gains: list[float], *, prefix: str) -> dict[str, Any]:
+    """One-sided tests that a per-seed gain (pp) is positive: the standard error of its mean, the paired t-test
+    (the gains are differences of two networks trained with the same seed) and the exact sign test over the
+    seeds whose gain is not zero. ``None`` where fewer than two seeds make a test meaningless."""
+    from scipy import stats
+
+    nonzero = [g for g in gains if g != 0]
+    if len(gains) < 2:
+        return {f"{prefix}_pp_sem": None, f"{prefix}_t_test_p": None, f"{prefix}_sign_test_p": None}
+    sem = float(stats.sem(gains))
+    t_p = float(stats.ttest_1samp(gains, 0.0, alternative="greater").pvalue) if sem > 0 else None
+    sign_p = (float(stats.binomtest(sum(g > 0 for g in nonzero), len(nonzero), 0.5, alternative="greater").pvalue)
+              if nonzero else None)
+    return {f"{prefix}_pp_sem": sem, f"{prefix}_t_test_p": t_p, f"{prefix}_sign_test_p": sign_p}
+
+
+def _fmt_p(p: float | None) -> str:
+    return "n/a" if p is None else f"{p:.3g}"
 
 
 def cmd_bench_dynparams(args: argparse.Namespace) -> int:
@@ -212,7 +233,8 @@ def cmd_bench_dynparams(args: argparse.Namespace) -> int:
     for method, m in summary.items():
         print(f"{method}: gain over the equal-FLOPs static CNN {m['gain_vs_equal_flops_pp_mean']:+.2f} ± "
               f"{m['gain_vs_equal_flops_pp_std'] or 0:.2f} pp over seeds {m['seeds']} "
-              f"(ahead on {m['seeds_ahead_of_equal_flops']} of {len(m['seeds'])})")
+              f"(ahead on {m['seeds_ahead_of_equal_flops']} of {len(m['seeds'])}; one-sided p: t-test "
+              f"{_fmt_p(m['gain_vs_equal_flops_t_test_p'])}, sign test {_fmt_p(m['gain_vs_equal_flops_sign_test_p'])})")
     if json_path:
         from dynaneural.bench.rows import write_bench_json
 

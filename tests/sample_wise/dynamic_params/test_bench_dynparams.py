@@ -110,3 +110,15 @@ def test_seed_summary_gains_across_seeds():
     assert s["gain_vs_equal_flops_pp_std"] == pytest.approx(2.0)
     assert s["seeds_ahead_of_equal_flops"] == 2
     assert s["gain_pp_mean"] == pytest.approx((2.0 + 1.0 + 3.0) / 3)
+    # One-sided tests of a positive gain: sem = sd / sqrt(n); t = 0.866 on 2 degrees of freedom; sign test
+    # P(X >= 2 | n = 3, 1/2) = 1/2.
+    assert s["gain_vs_equal_flops_pp_sem"] == pytest.approx(2.0 / 3 ** 0.5)
+    assert s["gain_vs_equal_flops_t_test_p"] == pytest.approx(0.2391, abs=1e-3)
+    assert s["gain_vs_equal_flops_sign_test_p"] == pytest.approx(0.5)
+    # A seed whose gain is exactly zero does not count in the sign test; all ahead on 4 seeds: p = 1/16.
+    s4 = seed_summary({i: run(0.90 + d, 0.88, 0.90) for i, d in enumerate((0.0, 0.01, 0.02, 0.01, 0.03))})["condconv"]
+    assert s4["seeds_ahead_of_equal_flops"] == 4
+    assert s4["gain_vs_equal_flops_sign_test_p"] == pytest.approx(1 / 16)
+    assert 0 < s4["gain_vs_equal_flops_t_test_p"] < 0.05
+    s1 = seed_summary({0: run(0.90, 0.88, 0.89)})["condconv"]
+    assert s1["gain_vs_equal_flops_t_test_p"] is None and s1["gain_vs_equal_flops_sign_test_p"] is None
