@@ -1,8 +1,9 @@
-"""``dynaneural bench moe-accuracy``: an MoE Transformer against the dense Transformer of equal *active* FLOPs.
+"""``dynaneural bench moe-accuracy``: an MoE model against its dense twin of equal *active* FLOPs.
 
 The question the sparse-MoE papers answer (Shazeer et al. 2017; Fedus et al., "Switch Transformers", 2022): at the
-same compute per token, do more parameters behind a router buy accuracy? Both sides are
-:class:`~dynaneural.sample_wise.moe.moe_transformer.MoETransformer` built from the recipe's ``model_kwargs`` and
+same compute per token, do more parameters behind a router buy accuracy? Both sides are the recipe's model
+(:class:`~dynaneural.sample_wise.moe.moe_transformer.MoETransformer`, or
+:class:`~dynaneural.sample_wise.moe.moe_mlp.MoEMLP` with one token per sample) built from its ``model_kwargs`` and
 trained with the same recipe, seed and data order. The dense twin has ``num_experts=1``, ``top_k=1`` and an FFN of
 width ``top_k × hidden`` — one always-on SwiGLU expert with the MoE's active width (its router over one expert costs
 D MACs per token and always gives weight 1). Each row: test accuracy in execute mode, mean FLOPs from the ledger,
@@ -92,7 +93,7 @@ def cmd_bench_moe_accuracy(args: argparse.Namespace) -> int:
 
 
 def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
-    p = bsub.add_parser("moe-accuracy", help="MoE Transformer vs the dense Transformer of equal active FLOPs")
+    p = bsub.add_parser("moe-accuracy", help="MoE model vs its dense twin of equal active FLOPs")
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
     p.add_argument("--recipe", default=None, help="default: moe_accuracy_<dataset>")
     p.add_argument("--quick", action="store_true", help="the recipe's quick variant")
