@@ -18,7 +18,6 @@ with random crops and flips.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -164,6 +163,8 @@ def seed_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     the equal-FLOPs CNN is positive. ``per_seed`` maps a seed to one run's ``{rows, meta}``."""
     import statistics
 
+    from dynaneural.bench.stats import gain_statistics
+
     out: dict[str, Any] = {}
     for seed, res in sorted(per_seed.items()):
         for r in res["rows"]:
@@ -184,65 +185,26 @@ def seed_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
             m[f"{key}_mean"] = statistics.fmean(vals) if vals else None
             m[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else None
         m["seeds_ahead_of_equal_flops"] = sum(g > 0 for g in m["gain_vs_equal_flops_pp"])
-        m.update(_gain_tests(m["gain_vs_equal_flops_pp"], prefix="gain_vs_equal_flops"))
+        tests = gain_statistics(m["gain_vs_equal_flops_pp"], prefix="gain_vs_equal_flops")
+        m.update({k: v for k, v in tests.items() if k.endswith(("_sem", "_p"))})
     return out
 
 
-def _gain_tests(gains: list[float], *, prefix: str) -> dict[str, Any]:
-    """One-sided tests that a per-seed gain (pp) is positive: the standard error of its mean, the paired t-test
-    (the gains are differences of two networks trained with the same seed) and the exact sign test over the
-    seeds whose gain is not zero. ``None`` where fewer than two seeds make a test meaningless."""
-    from scipy import stats
+def _report(summary: dict[str, Any]) -> list[str]:
+    from dynaneural.bench.stats import format_p
 
-    nonzero = [g for g in gains if g != 0]
-    if len(gains) < 2:
-        return {f"{prefix}_pp_sem": None, f"{prefix}_t_test_p": None, f"{prefix}_sign_test_p": None}
-    sem = float(stats.sem(gains))
-    t_p = float(stats.ttest_1samp(gains, 0.0, alternative="greater").pvalue) if sem > 0 else None
-    sign_p = (float(stats.binomtest(sum(g > 0 for g in nonzero), len(nonzero), 0.5, alternative="greater").pvalue)
-              if nonzero else None)
-    return {f"{prefix}_pp_sem": sem, f"{prefix}_t_test_p": t_p, f"{prefix}_sign_test_p": sign_p}
-
-
-def _fmt_p(p: float | None) -> str:
-    return "n/a" if p is None else f"{p:.3g}"
+    return [f"{method}: gain over the equal-FLOPs static CNN {m['gain_vs_equal_flops_pp_mean']:+.2f} ± "
+            f"{m['gain_vs_equal_flops_pp_std'] or 0:.2f} pp over seeds {m['seeds']} "
+            f"(ahead on {m['seeds_ahead_of_equal_flops']} of {len(m['seeds'])}; one-sided p: t-test "
+            f"{format_p(m['gain_vs_equal_flops_t_test_p'])}, sign test {format_p(m['gain_vs_equal_flops_sign_test_p'])})"
+            for method, m in summary.items()]
 
 
 def cmd_bench_dynparams(args: argparse.Namespace) -> int:
-    from dynaneural.cli.main import _maybe_reexec_with_tuned_allocator, run_recipe_bench
+    from dynaneural.cli.main import run_recipe_bench_over_seeds
 
-    if not args.seeds:
-        return run_recipe_bench(args, prefix="dynparams", run=run_dynparams_bench)
-    if args.seed is not None:
-        raise SystemExit("give either --seed or --seeds, not both")
-    _maybe_reexec_with_tuned_allocator(args)
-    per_seed: dict[int, dict[str, Any]] = {}
-
-    def run(recipe: Any, **kw: Any) -> dict[str, Any]:
-        per_seed[args.seed] = res = run_dynparams_bench(recipe, **kw)
-        for r in res["rows"]:
-            r.extra["seed"] = args.seed
-        return res
-
-    json_path = args.json
-    args.json = None  # one JSON for every seed, below
-    for seed in args.seeds:
-        args.seed = seed
-        run_recipe_bench(args, prefix="dynparams", run=run)
-    summary = seed_summary(per_seed)
-    for method, m in summary.items():
-        print(f"{method}: gain over the equal-FLOPs static CNN {m['gain_vs_equal_flops_pp_mean']:+.2f} ± "
-              f"{m['gain_vs_equal_flops_pp_std'] or 0:.2f} pp over seeds {m['seeds']} "
-              f"(ahead on {m['seeds_ahead_of_equal_flops']} of {len(m['seeds'])}; one-sided p: t-test "
-              f"{_fmt_p(m['gain_vs_equal_flops_t_test_p'])}, sign test {_fmt_p(m['gain_vs_equal_flops_sign_test_p'])})")
-    if json_path:
-        from dynaneural.bench.rows import write_bench_json
-
-        rows = [r for s in sorted(per_seed) for r in per_seed[s]["rows"]]
-        path = write_bench_json(json_path, rows, recipe=args.recipe, seeds=list(args.seeds),
-                                per_seed_meta={s: per_seed[s]["meta"] for s in sorted(per_seed)}, summary=summary)
-        print(f"wrote {path}", file=sys.stderr)
-    return 0
+    return run_recipe_bench_over_seeds(args, prefix="dynparams", run=run_dynparams_bench, summarise=seed_summary,
+                                       report=_report)
 
 
 def register(bsub: Any, *, common: Any, data_opts: Any) -> None:

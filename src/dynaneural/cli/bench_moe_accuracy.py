@@ -84,12 +84,40 @@ def run_moe_accuracy_bench(recipe: Any, *, data_dir: str | None = None, out_dir:
     return {"rows": rows, "meta": meta}
 
 
-def cmd_bench_moe_accuracy(args: argparse.Namespace) -> int:
-    from dynaneural.cli.main import run_recipe_bench
+def seed_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Across training seeds, per method: both accuracies, the MoE's gain (pp) over its dense twin of equal active
+    FLOPs, its mean, spread and one-sided paired tests (:func:`dynaneural.bench.stats.gain_statistics`)."""
+    from dynaneural.bench.stats import gain_statistics
 
-    return run_recipe_bench(args, prefix="moe_accuracy",
-                            run=lambda recipe, data_dir, out_dir=None: run_moe_accuracy_bench(
-                                recipe, data_dir=data_dir, out_dir=out_dir, log=lambda s: print(s, flush=True)))
+    out: dict[str, Any] = {}
+    for seed, res in sorted(per_seed.items()):
+        r = res["rows"][0]  # accuracies do not depend on the timed batch size
+        m = out.setdefault(r.method, {"seeds": [], "accuracy": [], "dense_accuracy": [], "gain_pp": []})
+        m["seeds"].append(seed)
+        m["accuracy"].append(r.accuracy)
+        m["dense_accuracy"].append(r.static_accuracy)
+        m["gain_pp"].append(r.extra["accuracy_gain_pp"])
+    for m in out.values():
+        m.update(gain_statistics(m["gain_pp"], prefix="gain"))
+    return out
+
+
+def _report(summary: dict[str, Any]) -> list[str]:
+    from dynaneural.bench.stats import format_p
+
+    return [f"{method}: gain over the dense twin {m['gain_pp_mean']:+.2f} ± {m['gain_pp_std'] or 0:.2f} pp over "
+            f"seeds {m['seeds']} (ahead on {m['gain_seeds_ahead']} of {len(m['seeds'])}; one-sided p: t-test "
+            f"{format_p(m['gain_t_test_p'])}, sign test {format_p(m['gain_sign_test_p'])})"
+            for method, m in summary.items()]
+
+
+def cmd_bench_moe_accuracy(args: argparse.Namespace) -> int:
+    from dynaneural.cli.main import run_recipe_bench_over_seeds
+
+    return run_recipe_bench_over_seeds(
+        args, prefix="moe_accuracy", summarise=seed_summary, report=_report,
+        run=lambda recipe, data_dir, out_dir=None: run_moe_accuracy_bench(
+            recipe, data_dir=data_dir, out_dir=out_dir, log=lambda s: print(s, flush=True)))
 
 
 def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
@@ -97,6 +125,10 @@ def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
     p.add_argument("--recipe", default=None, help="default: moe_accuracy_<dataset>")
     p.add_argument("--quick", action="store_true", help="the recipe's quick variant")
+    p.add_argument("--seed", type=int, default=None, help="training seed (initialisation and data order; the "
+                                                          "data split stays the recipe's); default: the recipe's")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="train and compare once per seed; one JSON with every seed and a summary of the gain")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the timing rows")
     p.add_argument("--json", default=None, help="write the rows here (e.g. benchmarks/moe_accuracy_mnist.json)")
     p.add_argument("--out", default=None, help="folder for resumable, reusable training checkpoints "

@@ -67,6 +67,43 @@ def run_recipe_bench(args: argparse.Namespace, *, prefix: str, run: Any) -> int:
     return 0
 
 
+def run_recipe_bench_over_seeds(args: argparse.Namespace, *, prefix: str, run: Any,
+                                summarise: Any, report: Any) -> int:
+    """``run_recipe_bench`` once per seed of ``args.seeds`` (each overrides the recipe's training seed:
+    initialisation and data order; the data split stays), then one JSON holding every seed's rows (each with
+    ``extra["seed"]``), ``per_seed_meta`` and ``summary = summarise({seed: {rows, meta}})``; ``report(summary)``
+    returns the lines printed at the end. Without ``--seeds`` it is ``run_recipe_bench``."""
+    if not args.seeds:
+        return run_recipe_bench(args, prefix=prefix, run=run)
+    if args.seed is not None:
+        raise SystemExit("give either --seed or --seeds, not both")
+    _maybe_reexec_with_tuned_allocator(args)
+    per_seed: dict[int, dict[str, Any]] = {}
+
+    def one_seed(recipe: Any, **kw: Any) -> dict[str, Any]:
+        per_seed[args.seed] = res = run(recipe, **kw)
+        for r in res["rows"]:
+            r.extra["seed"] = args.seed
+        return res
+
+    json_path = args.json
+    args.json = None  # one JSON for every seed, below
+    for seed in args.seeds:
+        args.seed = seed
+        run_recipe_bench(args, prefix=prefix, run=one_seed)
+    summary = summarise(per_seed)
+    for line in report(summary):
+        print(line)
+    if json_path:
+        from dynaneural.bench.rows import write_bench_json
+
+        rows = [r for s in sorted(per_seed) for r in per_seed[s]["rows"]]
+        path = write_bench_json(json_path, rows, recipe=args.recipe, seeds=list(args.seeds),
+                                per_seed_meta={s: per_seed[s]["meta"] for s in sorted(per_seed)}, summary=summary)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dynaneural.bench.pipeline import format_table, run_early_exit_experiment
     from dynaneural.recipes import load_recipe

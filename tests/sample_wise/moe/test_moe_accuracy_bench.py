@@ -61,3 +61,32 @@ def test_moe_transformer_cifar10_is_64_patch_tokens():
     model = create_model("moe_transformer_cifar10", dim=16, hidden=16, depth=1, num_experts=4).eval()
     out = model(torch.randn(3, 3, 32, 32), mode="execute")
     assert out.logits.shape == (3, 10) and model.num_tokens == 64
+
+
+def test_moe_accuracy_cli_over_seeds_writes_one_json_with_a_summary(tiny_mnist, tmp_path):
+    import json
+
+    import yaml
+
+    from dynaneural.cli.main import main
+
+    tiny_mnist(train=64, val=32, test=32)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "tiny_moe_accuracy", "model": "moe_mlp_mnist", "dataset": "mnist",
+        "model_kwargs": {"num_experts": 4, "top_k": 2, "dim": 16, "hidden": 16, "depth": 1, "num_classes": 3},
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.01, "device": "cpu", "seed": 0},
+        "bench": {"batch_sizes": [16, 32], "repeats": 1, "timed_samples": 32}}))
+    out = tmp_path / "seeds.json"
+    common = ["bench", "moe-accuracy", "--recipe", str(recipe), "--no-allocator-tuning", "--no-progress"]
+    assert main([*common, "--seeds", "0", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["seeds"] == [0, 1] and sorted(doc["per_seed_meta"]) == ["0", "1"]
+    assert [r["seed"] for r in doc["rows"]] == [0, 0, 1, 1]  # two timed batch sizes per seed
+    (summary,) = doc["summary"].values()
+    gains = [r["accuracy_gain_pp"] for r in doc["rows"] if r["batch_size"] == 16]
+    assert summary["gain_pp"] == pytest.approx(gains) and summary["seeds"] == [0, 1]
+    assert summary["gain_pp_mean"] == pytest.approx(sum(gains) / 2)
+    assert {"gain_pp_sem", "gain_t_test_p", "gain_sign_test_p", "gain_seeds_ahead"} <= set(summary)
+    with pytest.raises(SystemExit, match="not both"):
+        main([*common, "--seed", "1", "--seeds", "0"])
