@@ -180,13 +180,13 @@ def seed_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
                 m["equal_flops_static_accuracy"].append(res["meta"]["equal_flops_static_accuracy"])
                 m["gain_vs_equal_flops_pp"].append(r.extra["accuracy_gain_vs_equal_flops_pp"])
     for m in out.values():
-        for key in ("accuracy", "static_accuracy", "equal_flops_static_accuracy", "gain_pp", "gain_vs_equal_flops_pp"):
+        for key in ("accuracy", "static_accuracy", "equal_flops_static_accuracy"):
             vals = m[key]
             m[f"{key}_mean"] = statistics.fmean(vals) if vals else None
             m[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else None
-        m["seeds_ahead_of_equal_flops"] = sum(g > 0 for g in m["gain_vs_equal_flops_pp"])
-        tests = gain_statistics(m["gain_vs_equal_flops_pp"], prefix="gain_vs_equal_flops")
-        m.update({k: v for k, v in tests.items() if k.endswith(("_sem", "_p"))})
+        m.update(gain_statistics(m["gain_pp"], prefix="gain"))
+        m.update(gain_statistics(m["gain_vs_equal_flops_pp"], prefix="gain_vs_equal_flops"))
+        m["seeds_ahead_of_equal_flops"] = m["gain_vs_equal_flops_seeds_ahead"]
     return out
 
 
