@@ -6,6 +6,11 @@ writes one :class:`~dynaneural.bench.rows.SpeedupRow` per (method, budget, batch
 mode, mean FLOPs from the ledger, theoretical speed-up (full-width FLOPs / mean FLOPs) and realized speed-up
 (full-width static CNN, BN folded, against the dynamic model in execute mode, timed interleaved in one run).
 The full-width reference is the slimmable network at 100 % width (``all_on``: its static twin).
+
+``options.choosers`` lists the per-sample width choosers to calibrate and time on the one trained network: the
+input policy (``{chooser: policy}``, method ``slimmable``) and the confidence cascade (``{chooser: cascade,
+cascade_levels: [1, 3]}``, method ``slimmable_cascade``). They change no training, so they stay out of the
+checkpoint digest.
 """
 
 from __future__ import annotations
@@ -19,18 +24,25 @@ import torch
 
 __all__ = ["register", "run_width_bench"]
 
+_EVAL_ONLY_OPTIONS = ("choosers",)
+
 
 def _train(model: torch.nn.Module, recipe: Any, data: Any, *, extra: dict[str, Any] | None = None,
            out_dir: str | Path | None = None, tag: str = "") -> None:
     """Train with the recipe's settings; with ``out_dir``, resumable and reused (``bench.cache.training_dir``)."""
     from dynaneural.bench.cache import training_dir
+    from dynaneural.data import augmentation
     from dynaneural.engine import TrainConfig, train
 
     settings = {**recipe.train, "progress": False, **(extra or {})}
-    ckpt = training_dir(out_dir, tag, getattr(model, "config", None), recipe.options, recipe.data, recipe.dataset,
+    # Options that only change the evaluation (which choosers are timed) stay out of the digest: adding one
+    # re-times the cached trainings instead of retraining them.
+    train_opts = {k: v for k, v in recipe.options.items() if k not in _EVAL_ONLY_OPTIONS}
+    ckpt = training_dir(out_dir, tag, getattr(model, "config", None), train_opts, recipe.data, recipe.dataset,
                         settings)
     cfg = TrainConfig.from_dict({**settings, "checkpoint_dir": ckpt})
-    train(model, train_x=data.train_x, train_y=data.train_y, val_x=data.val_x, val_y=data.val_y, config=cfg)
+    train(model, train_x=data.train_x, train_y=data.train_y, val_x=data.val_x, val_y=data.val_y, config=cfg,
+          augment=augmentation(recipe.options.get("augment")))
     model.eval()
 
 
@@ -83,17 +95,24 @@ def run_width_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
     per_width = evaluate(slim, data.test_x, data.test_y, mode="train").exit_accuracy
     meta["full_width_accuracy"], meta["per_width_accuracy"] = full_acc, per_width
     log(f"slimmable: full width {full_acc:.4f}, per width {per_width} ({meta['slimmable_train_seconds']:.0f} s)")
-    for budget in recipe.calibration.budgets:
-        cal = calibrate_width(slim, data.val_x, budget=budget)
-        ev = evaluate(slim, data.test_x, data.test_y, mode="execute")
-        with torch.inference_mode():
-            widths = torch.cat([slim(data.test_x[i:i + 1024], mode="execute").width
-                                for i in range(0, data.test_x.shape[0], 1024)])
-        hist = torch.bincount(widths, minlength=slim.num_levels).double() / widths.numel()
-        timed_rows("slimmable", slim, static, acc=ev.accuracy, mean_flops=float(ev.mean_cost), full_flops=full_flops,
-                   static_acc=full_acc, budget=budget,
-                   extra={"threshold": cal.knob, "width_fraction": [round(float(h), 4) for h in hist],
-                          "width_mults": list(slim.width_mults)})
+    for spec in opts.get("choosers", [{"chooser": "policy"}]):
+        chooser = spec.get("chooser", "policy")
+        slim.set_chooser(chooser, cascade_levels=spec.get("cascade_levels"))
+        method = "slimmable" if chooser == "policy" else f"slimmable_{chooser}"
+        for budget in recipe.calibration.budgets:
+            cal = calibrate_width(slim, data.val_x, budget=budget)
+            ev = evaluate(slim, data.test_x, data.test_y, mode="execute")
+            with torch.inference_mode():
+                widths = torch.cat([slim(data.test_x[i:i + 1024], mode="execute").width
+                                    for i in range(0, data.test_x.shape[0], 1024)])
+            hist = torch.bincount(widths, minlength=slim.num_levels).double() / widths.numel()
+            extra = {"chooser": chooser, "threshold": cal.knob, "validation_cost": cal.mean_cost,
+                     "width_fraction": [round(float(h), 4) for h in hist], "width_mults": list(slim.width_mults)}
+            if chooser == "cascade":
+                extra["cascade_levels"] = list(slim.ladder)
+            timed_rows(method, slim, static, acc=ev.accuracy, mean_flops=float(ev.mean_cost), full_flops=full_flops,
+                       static_acc=full_acc, budget=budget, extra=extra)
+    slim.set_chooser(slim.config["chooser"], cascade_levels=slim.config["cascade_levels"])
 
     # ---------------------------------------------------------------- FBS channel gating
     for keep in opts.get("gating_keep", [0.5]):

@@ -28,6 +28,18 @@ def test_width_bench_rows_and_reused_trainings(tiny_mnist, tmp_path):
     again = run_width_bench(_recipe(), out_dir=tmp_path, log=lambda s: None)
     assert [p.stat().st_mtime_ns for p in ckpts] == stamps  # nothing retrained
     assert [r.accuracy for r in again["rows"]] == [r.accuracy for r in first["rows"]]
+    # adding a chooser only changes the evaluation: same checkpoints, one more method
+    recipe = _recipe()
+    recipe.options["choosers"] = [{"chooser": "policy"}, {"chooser": "cascade", "cascade_levels": [1, 3]}]
+    third = run_width_bench(recipe, out_dir=tmp_path, log=lambda s: None)
+    assert [p.stat().st_mtime_ns for p in ckpts] == stamps
+    assert [(r.method, r.batch_size) for r in third["rows"]] == [
+        ("slimmable", 1), ("slimmable", 16), ("slimmable_cascade", 1), ("slimmable_cascade", 16),
+        ("channel_gating", 1), ("channel_gating", 16)]
+    cascade = [r for r in third["rows"] if r.method == "slimmable_cascade"]
+    assert all(r.extra["cascade_levels"] == [1, 3] and set(r.extra["width_fraction"][i] for i in (0, 2)) == {0.0}
+               for r in cascade)
+    assert [r.accuracy for r in third["rows"][:2]] == [r.accuracy for r in first["rows"][:2]]
 
 
 def test_training_dir_digest_follows_the_settings(tmp_path):

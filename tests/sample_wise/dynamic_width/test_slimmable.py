@@ -89,3 +89,78 @@ def test_trainer_trains_all_widths_with_multi_exit_loss():
                 config=TrainConfig(epochs=1, batch_size=32, lr=0.05, progress=False, device="cpu",
                                    distill_alpha=0.5))
     assert any(k.startswith("val_acc/exit") for k in res.history[-1])
+
+
+# ---------------------------------------------------------------------------------------------- confidence cascade
+def _cascade(threshold=0.15):
+    return dn.create_model("test_slimmable_cascade", threshold=threshold, seed=0).eval()
+
+
+def test_cascade_runs_each_rung_on_the_undecided_rows_only_and_charges_what_ran():
+    m = _cascade()
+    x = m.example_input(64, generator=torch.Generator().manual_seed(2))
+    calls = []
+    orig = m.run_level
+
+    def spy(sub, lv, *, folded=False):
+        calls.append((lv, sub.shape[0]))
+        return orig(sub, lv, folded=folded)
+
+    with torch.inference_mode():
+        rungs = torch.stack([m.run_level(x, lv) for lv in m.ladder], 1)
+        m.set_threshold(float(rungs[:, 0].softmax(-1).amax(-1).quantile(0.4)))  # ~60 % stop at the first rung
+        stops = m.cascade_stops(rungs)
+        m.run_level = spy
+        out = m(x, mode="execute")
+    # rung i runs on exactly the samples that did not stop before it
+    expected = [(lv, int((stops >= i).sum())) for i, lv in enumerate(m.ladder) if (stops >= i).any()]
+    assert calls == expected and calls[0] == (0, 64) and 0 < calls[1][1] < 64
+    torch.testing.assert_close(out.width, torch.tensor(m.ladder)[stops])
+    paid = torch.tensor(m.ladder_cost, dtype=torch.float64)[stops]
+    torch.testing.assert_close(out.cost, paid, rtol=0, atol=0)
+    assert m.ladder_cost == [m.level_cost[0], m.level_cost[0] + m.level_cost[1], sum(m.level_cost[lv] for lv in m.ladder)]
+    # a sample's answer is the logits of the rung it stopped at
+    for i in range(64):
+        torch.testing.assert_close(out.logits[i], rungs[i, stops[i]], rtol=1e-4, atol=1e-4)
+
+
+def test_cascade_threshold_extremes_and_calibration():
+    m = _cascade()
+    x = m.example_input(128, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        m.set_threshold(0.0)
+        low = m(x, mode="execute")
+        m.set_threshold(1.0)
+        high = m(x, mode="execute")
+    assert (low.width == m.ladder[0]).all() and (low.cost == m.level_cost[m.ladder[0]]).all()
+    assert (high.width == m.ladder[-1]).all() and (high.cost == m.ladder_cost[-1]).all()
+    full = m.level_cost[-1]
+    target = 0.5 * (m.level_cost[m.ladder[0]] + m.ladder_cost[-1]) / full
+    cal = calibrate_width(m, x, budget=target)
+    with torch.inference_mode():
+        achieved = float(m(x, mode="execute").cost.mean()) / full
+    assert achieved == pytest.approx(cal.mean_cost, rel=1e-9)
+    assert abs(achieved - target) < 0.05 * target  # 128 samples: the cost moves in steps of one sample's rung
+    with pytest.raises(ValueError):
+        calibrate_width(m, x, budget=0.9 * m.level_cost[m.ladder[0]] / full)  # below the first rung alone
+
+
+def test_chooser_switch_and_bad_ladders_fail_loudly():
+    m = _model()
+    x = m.example_input(16)
+    m.set_chooser("cascade", cascade_levels=[1, 3])
+    assert m.ladder == (1, 3)
+    with torch.inference_mode():
+        out = m(x, mode="execute")
+    assert set(out.width.tolist()) <= {1, 3} and out.width_logits is None  # the policy did not run
+    m.set_chooser("policy")
+    with torch.inference_mode():
+        assert m(x, mode="execute").width_logits is not None
+    for bad in ([1, 2], [3, 1], [], [1, 1, 3], [-1, 3]):
+        with pytest.raises(ValueError, match="cascade_levels"):
+            m.set_chooser("cascade", cascade_levels=bad)
+    with pytest.raises(ValueError, match="chooser"):
+        m.set_chooser("oracle")
+    assert m.chooser == "policy"  # a refused switch changes nothing
+    with pytest.raises(ValueError, match="cascade_levels"):
+        dn.create_model("test_slimmable_cascade", cascade_levels=(0, 1))

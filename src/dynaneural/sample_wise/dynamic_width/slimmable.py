@@ -43,6 +43,7 @@ from dynaneural.compute.ledger import CostLedger
 from dynaneural.contract import AllOnFlag, DynamicModel, resolve_mode
 from dynaneural.execution import Mode, group_rows, select_rows
 from dynaneural.outputs import DynamicOutput
+from dynaneural.policies.exit_rules import ConfidenceRule
 from dynaneural.registry import register_model
 from dynaneural.sample_wise.dynamic_params.functional import FoldedBN, conv_output_size
 from dynaneural.validation import check_batch
@@ -58,8 +59,13 @@ class SlimmableConfig:
     width_mults: the width levels, ascending, the last 1.0.
     policy_pool: the policy reads the input average-pooled to ``policy_pool × policy_pool``.
     policy_hidden: hidden units of the policy MLP.
-    threshold: a sample takes the smallest level whose agreement probability reaches this.
+    threshold: with ``chooser="policy"``, a sample takes the smallest level whose agreement probability reaches
+        this; with ``chooser="cascade"``, a sample stops at the first level of the ladder whose max-softmax
+        confidence reaches it.
     policy_weight: weight of the policy's BCE in ``aux_losses``.
+    chooser: ``"policy"`` (the input policy picks one level before anything runs) or ``"cascade"`` (run the
+        ladder's levels in order and stop when confident; a sample pays every level it ran).
+    cascade_levels: the cascade's ladder (ascending level indices ending at the full width); ``None``: all levels.
     """
 
     in_chans: int = 1
@@ -72,6 +78,8 @@ class SlimmableConfig:
     policy_hidden: int = 32
     threshold: float = 0.5
     policy_weight: float = 1.0
+    chooser: str = "policy"
+    cascade_levels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.widths) != len(self.strides):
@@ -81,6 +89,21 @@ class SlimmableConfig:
             raise ValueError(f"width_mults must be ascending in (0, 1] and end at 1.0, got {self.width_mults}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
+        check_chooser(self.chooser, self.cascade_levels, num_levels=len(m))
+
+
+CHOOSERS = ("policy", "cascade")
+
+
+def check_chooser(chooser: str, cascade_levels: tuple[int, ...] | None, *, num_levels: int) -> tuple[int, ...]:
+    """Validate a width chooser and return the cascade's ladder (all levels when ``cascade_levels`` is None)."""
+    if chooser not in CHOOSERS:
+        raise ValueError(f"chooser must be one of {CHOOSERS}, got {chooser!r}")
+    ladder = tuple(range(num_levels)) if cascade_levels is None else tuple(int(v) for v in cascade_levels)
+    if (not ladder or list(ladder) != sorted(set(ladder)) or ladder[0] < 0 or ladder[-1] != num_levels - 1):
+        raise ValueError(f"cascade_levels must be strictly ascending level indices in [0, {num_levels - 1}] "
+                         f"ending at the full width {num_levels - 1}, got {cascade_levels!r}")
+    return ladder
 
 
 @dataclass
@@ -141,6 +164,8 @@ class SlimmableCNN(AllOnFlag, DynamicModel):
         self.threshold = cfg.threshold
         self.policy_weight = cfg.policy_weight
         levels = len(cfg.width_mults)
+        self.chooser = cfg.chooser
+        self.ladder = check_chooser(cfg.chooser, cfg.cascade_levels, num_levels=levels)
         prev: tuple[int, ...] = (cfg.in_chans,) * levels
         size, layers = cfg.input_size, []
         for w, s in zip(cfg.widths, cfg.strides, strict=True):
@@ -187,6 +212,21 @@ class SlimmableCNN(AllOnFlag, DynamicModel):
             raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
         self.threshold = float(threshold)
 
+    def set_chooser(self, chooser: str, *, cascade_levels: tuple[int, ...] | list[int] | None = None) -> None:
+        """Switch the width chooser of a trained model (the weights serve both); see :class:`SlimmableConfig`."""
+        self.ladder = check_chooser(chooser, None if cascade_levels is None else tuple(cascade_levels),
+                                    num_levels=self.num_levels)
+        self.chooser = chooser
+
+    @property
+    def ladder_cost(self) -> list[float]:
+        """Cumulative cost of the cascade's ladder: what a sample that stops at its i-th rung has paid."""
+        out, total = [], 0.0
+        for lv in self.ladder:
+            total += self.level_cost[lv]
+            out.append(total)
+        return out
+
     # ------------------------------------------------------------------ pieces
     def run_level(self, x: torch.Tensor, level: int, *, folded: bool = False) -> torch.Tensor:
         """Logits of the network sliced to width level ``level`` (B, classes)."""
@@ -206,6 +246,8 @@ class SlimmableCNN(AllOnFlag, DynamicModel):
         mode = resolve_mode(self, mode)
         check_batch(x, input_shape=self.input_shape)
         b = x.shape[0]
+        if self.chooser == "cascade" and not self._all_on and mode is not Mode.TRAIN:
+            return self._forward_cascade(x, mode)
         ledger = CostLedger.zeros(b, device=x.device)
         if self._all_on:
             level = torch.full((b,), self.num_levels - 1, dtype=torch.long, device=x.device)
@@ -247,24 +289,83 @@ class SlimmableCNN(AllOnFlag, DynamicModel):
                                aux_losses=aux, exit_logits=exit_logits, width_logits=width_logits)
 
 
+    def _forward_cascade(self, x: torch.Tensor, mode: Mode) -> SlimmableOutput:
+        """Confidence cascade over the ladder: a sample stops at the first rung whose max-softmax reaches the
+        threshold (the last rung always accepts) and pays every rung it ran.
+
+        Execute runs each rung on the samples still undecided only (gathered, run, scattered back); simulate runs
+        every width on every sample and charges each sample the ladder's cumulative cost up to its stop."""
+        b = x.shape[0]
+        ledger = CostLedger.zeros(b, device=x.device)
+        level = torch.full((b,), self.ladder[-1], dtype=torch.long, device=x.device)
+        if mode is Mode.EXECUTE:
+            logits = x.new_empty(b, self.num_classes)
+            active = torch.arange(b, device=x.device)
+            for i, lv in enumerate(self.ladder):
+                sub = x if active.numel() == b else select_rows(x, active)
+                z = self.run_level(sub, lv, folded=True)
+                ledger.charge(self.level_cost[lv], active, part="backbone")
+                if i == len(self.ladder) - 1:
+                    done = torch.ones(active.numel(), dtype=torch.bool, device=x.device)
+                else:
+                    done = self.confident(z)
+                rows = active[done]
+                logits.index_copy_(0, rows, z[done])
+                level.index_fill_(0, rows, lv)
+                active = active[~done]
+                if active.numel() == 0:
+                    break
+            return SlimmableOutput(logits=logits, cost=ledger.flops, decisions={"width": level}, mode=mode)
+        exit_logits = [self.run_level(x, lv) for lv in range(self.num_levels)]
+        stop = self.cascade_stops(torch.stack([exit_logits[lv] for lv in self.ladder], 1))
+        ladder = torch.tensor(self.ladder, device=x.device)
+        level = ladder[stop]
+        logits = torch.stack(exit_logits, 1)[torch.arange(b, device=x.device), level]
+        paid = torch.tensor(self.ladder_cost, dtype=torch.float64, device=x.device)[stop]
+        ledger.charge(paid, torch.arange(b, device=x.device), part="backbone")
+        return SlimmableOutput(logits=logits, cost=ledger.flops, decisions={"width": level}, mode=mode,
+                               exit_logits=exit_logits)
+
+    def confident(self, logits: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        """Whether the confidence rule's score (max-softmax) of ``logits`` (..., classes) reaches the threshold."""
+        t = self.threshold if threshold is None else threshold
+        return ConfidenceRule().score(logits, {})[0] >= t
+
+    def cascade_stops(self, rung_logits: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        """(B,) index of the rung where each sample stops, from the (B, R, classes) logits of the ladder's rungs."""
+        ok = self.confident(rung_logits, threshold)  # (B, R)
+        ok[:, -1] = True
+        return ok.to(torch.int8).argmax(1)
+
+
 @torch.inference_mode()
 def calibrate_width(model: SlimmableCNN, x: torch.Tensor, *, budget: float, batch_size: int = 512
                     ) -> KnobCalibration:
-    """Fit the policy threshold so that the mean cost on ``x`` is ``budget`` (a fraction of the full width's).
+    """Fit the chooser's threshold so that the mean cost on ``x`` is ``budget`` (a fraction of the full width's).
 
-    The policy runs once; each threshold is then evaluated from its logits (the cost only depends on the level).
+    The policy (or, for the cascade, every rung of the ladder) runs once; each threshold is then evaluated from
+    those logits, since the cost only depends on the level (or the rung where a sample stops).
     """
     model.eval()
-    logits = torch.cat([model.policy(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
-    full = model.level_cost[-1] + model.policy_cost
-    costs = torch.tensor(model.level_cost, dtype=torch.float64)
+    chunks = [x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)]
     prev = model.threshold
+    if model.chooser == "cascade":
+        rungs = torch.cat([torch.stack([model.run_level(c, lv) for lv in model.ladder], 1) for c in chunks])
+        paid = torch.tensor(model.ladder_cost, dtype=torch.float64)
+        full = model.level_cost[-1]
 
-    def mean_cost(t: float) -> float:
-        model.threshold = t
-        level = model.choose(logits)
-        model.threshold = prev
-        return float((costs[level].mean() + model.policy_cost) / full)
+        def mean_cost(t: float) -> float:
+            return float(paid[model.cascade_stops(rungs, t)].mean() / full)
+    else:
+        logits = torch.cat([model.policy(c) for c in chunks])
+        full = model.level_cost[-1] + model.policy_cost
+        costs = torch.tensor(model.level_cost, dtype=torch.float64)
+
+        def mean_cost(t: float) -> float:
+            model.threshold = t
+            level = model.choose(logits)
+            model.threshold = prev
+            return float((costs[level].mean() + model.policy_cost) / full)
 
     return calibrate_knob(mean_cost=mean_cost, set_knob=model.set_threshold, budget=budget, lo=0.0, hi=1.0,
                           current=prev)
@@ -274,22 +375,27 @@ def _make(defaults: dict, overrides: dict) -> SlimmableCNN:
     return SlimmableCNN(SlimmableConfig(**{**defaults, **overrides}))
 
 
+_ChooserArg = tuple[int, ...] | None
+
+
 @register_model
-def slimmable_mnist(*, threshold: float = 0.5, num_classes: int = 10,
-                    widths: tuple[int, ...] = (32, 64, 128)) -> SlimmableCNN:
+def slimmable_mnist(*, threshold: float = 0.5, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128),
+                    chooser: str = "policy", cascade_levels: _ChooserArg = None) -> SlimmableCNN:
     """28×28 MNIST: 3 conv layers (32, 64, 128 channels at full width; strides 1, 2, 2), widths 25–100 %.
-    ``widths`` sets the full-width channels of the three layers."""
+    ``widths`` sets the full-width channels of the three layers; ``chooser`` / ``cascade_levels`` as in
+    :class:`SlimmableConfig`."""
     if len(widths) != 3:
         raise ValueError(f"slimmable_mnist has 3 conv layers: widths needs 3 entries, got {widths!r}")
     return _make(dict(in_chans=1, input_size=28, widths=tuple(int(w) for w in widths)),
-                 dict(threshold=threshold, num_classes=num_classes))
+                 dict(threshold=threshold, num_classes=num_classes, chooser=chooser, cascade_levels=cascade_levels))
 
 
 @register_model
-def slimmable_cifar10(*, threshold: float = 0.5, num_classes: int = 10) -> SlimmableCNN:
+def slimmable_cifar10(*, threshold: float = 0.5, num_classes: int = 10, chooser: str = "policy",
+                      cascade_levels: _ChooserArg = None) -> SlimmableCNN:
     """32×32 CIFAR-10: 4 conv layers (32, 64, 128, 128; strides 1, 2, 2, 1), widths 25–100 %."""
     return _make(dict(in_chans=3, input_size=32, widths=(32, 64, 128, 128), strides=(1, 2, 2, 1), policy_pool=8),
-                 dict(threshold=threshold, num_classes=num_classes))
+                 dict(threshold=threshold, num_classes=num_classes, chooser=chooser, cascade_levels=cascade_levels))
 
 
 @register_model
@@ -297,3 +403,16 @@ def test_slimmable(*, threshold: float = 0.5, num_classes: int = 10) -> Slimmabl
     """Tiny variant for tests: 1×8×8 inputs, 2 conv layers of 8 channels, 4 width levels."""
     return _make(dict(in_chans=1, input_size=8, widths=(8, 8), strides=(1, 2), policy_pool=4, policy_hidden=8),
                  dict(threshold=threshold, num_classes=num_classes))
+
+
+@register_model
+def test_slimmable_cascade(*, threshold: float = 0.15, num_classes: int = 10,
+                           cascade_levels: _ChooserArg = (0, 1, 3)) -> SlimmableCNN:
+    """Tiny variant for tests with the confidence cascade over levels 25 → 50 → 100 %. Its head starts 30× the
+    default scale so that an untrained network's confidences spread around the threshold and samples stop at
+    different rungs (with the default init every max-softmax lies within 0.001 of the others)."""
+    m = _make(dict(in_chans=1, input_size=8, widths=(8, 8), strides=(1, 2), policy_pool=4, policy_hidden=8),
+              dict(threshold=threshold, num_classes=num_classes, chooser="cascade", cascade_levels=cascade_levels))
+    with torch.no_grad():
+        m.head.weight.mul_(30.0)
+    return m
