@@ -14,6 +14,14 @@ same run, returned as ``aux_losses["width_policy"]``). At inference a sample tak
 probability reaches ``threshold`` (the full width otherwise); ``threshold`` is the knob
 :func:`~dynaneural.calibration.calibrate_knob` fits to a FLOPs budget (``calibrate_width``).
 
+The second chooser (``chooser="cascade"``) needs no policy: a sample runs the first level of a ladder (e.g. 50 %
+→ 100 %), stops if that level's max-softmax confidence (the early-exit library's ``confidence`` rule) reaches
+``threshold``, and otherwise runs the next level from the input again — slimmable widths do not share activations,
+so a sample that climbs pays every level it ran, and the ledger charges exactly that. It is the width analogue of
+a cascade of networks (Wang et al., "IDK Cascades", UAI 2018; the survey's Sec. 3.1 cascades), on one set of
+shared weights. The policy decides before seeing any feature; the cascade decides from the network's own output
+(BENCHMARKS.md compares the two on CIFAR-10).
+
 Modes:
 
 * ``train`` — every width runs on the whole batch (the sandwich rule with all widths); ``exit_logits`` holds
@@ -22,7 +30,8 @@ Modes:
 * ``simulate`` — the reference: every width runs on every sample, each sample's logits are picked from its level;
 * ``execute`` — the samples are grouped by the level they chose (``execution.group_rows``: one sort) and every
   group runs the sliced weights (BN folded) of its width as one dense sub-batch: a sample at 50 % width costs
-  about a quarter of the full network, and that is what runs.
+  about a quarter of the full network, and that is what runs. The cascade runs its first level on the batch and
+  each later level on the gathered rows still undecided, scattering answers back in the original order.
 
 Cost (analytic, the FLOPs counter's convention): the policy (pooling ``C·H·W`` + its two linear maps) plus the
 chosen width's convolutions (``c_in·c_out·9·H'·W'``), batch norms (``2·c_out·H'·W'``) and head.
