@@ -9,7 +9,7 @@ The full-width reference is the slimmable network at 100 % width (``all_on``: it
 
 ``options.choosers`` lists the per-sample width choosers to calibrate and time on the one trained network: the
 input policy (``{chooser: policy}``, method ``slimmable``) and the confidence cascade (``{chooser: cascade,
-cascade_levels: [1, 3]}``, method ``slimmable_cascade``). They change no training, so they stay out of the
+cascade_levels: [1, 3]}``, method ``slimmable_cascade_50_100``). They change no training, so they stay out of the
 checkpoint digest.
 """
 
@@ -98,15 +98,18 @@ def run_width_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
     for spec in opts.get("choosers", [{"chooser": "policy"}]):
         chooser = spec.get("chooser", "policy")
         slim.set_chooser(chooser, cascade_levels=spec.get("cascade_levels"))
-        method = "slimmable" if chooser == "policy" else f"slimmable_{chooser}"
+        method = "slimmable" if chooser == "policy" else "slimmable_cascade_" + "_".join(
+            str(round(100 * slim.width_mults[lv])) for lv in slim.ladder)  # e.g. slimmable_cascade_50_100
         for budget in recipe.calibration.budgets:
             cal = calibrate_width(slim, data.val_x, budget=budget)
             ev = evaluate(slim, data.test_x, data.test_y, mode="execute")
+            val_acc = evaluate(slim, data.val_x, data.val_y, mode="execute").accuracy  # to choose among choosers
             with torch.inference_mode():
                 widths = torch.cat([slim(data.test_x[i:i + 1024], mode="execute").width
                                     for i in range(0, data.test_x.shape[0], 1024)])
             hist = torch.bincount(widths, minlength=slim.num_levels).double() / widths.numel()
             extra = {"chooser": chooser, "threshold": cal.knob, "validation_cost": cal.mean_cost,
+                     "validation_accuracy": val_acc,
                      "width_fraction": [round(float(h), 4) for h in hist], "width_mults": list(slim.width_mults)}
             if chooser == "cascade":
                 extra["cascade_levels"] = list(slim.ladder)

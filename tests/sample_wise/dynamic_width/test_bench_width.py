@@ -34,9 +34,9 @@ def test_width_bench_rows_and_reused_trainings(tiny_mnist, tmp_path):
     third = run_width_bench(recipe, out_dir=tmp_path, log=lambda s: None)
     assert [p.stat().st_mtime_ns for p in ckpts] == stamps
     assert [(r.method, r.batch_size) for r in third["rows"]] == [
-        ("slimmable", 1), ("slimmable", 16), ("slimmable_cascade", 1), ("slimmable_cascade", 16),
+        ("slimmable", 1), ("slimmable", 16), ("slimmable_cascade_50_100", 1), ("slimmable_cascade_50_100", 16),
         ("channel_gating", 1), ("channel_gating", 16)]
-    cascade = [r for r in third["rows"] if r.method == "slimmable_cascade"]
+    cascade = [r for r in third["rows"] if r.method.startswith("slimmable_cascade")]
     assert all(r.extra["cascade_levels"] == [1, 3] and set(r.extra["width_fraction"][i] for i in (0, 2)) == {0.0}
                for r in cascade)
     assert [r.accuracy for r in third["rows"][:2]] == [r.accuracy for r in first["rows"][:2]]
