@@ -27,6 +27,8 @@ def test_width_bench_rows_and_reused_trainings(tiny_mnist, tmp_path):
     stamps = [p.stat().st_mtime_ns for p in ckpts]
     again = run_width_bench(_recipe(), out_dir=tmp_path, log=lambda s: None)
     assert [p.stat().st_mtime_ns for p in ckpts] == stamps  # nothing retrained
+    # a reused training still reports its own training time, not the seconds it took to load it
+    assert again["meta"]["slimmable_train_seconds"] == first["meta"]["slimmable_train_seconds"] > 0
     assert [r.accuracy for r in again["rows"]] == [r.accuracy for r in first["rows"]]
     # adding a chooser only changes the evaluation: same checkpoints, one more method
     recipe = _recipe()
