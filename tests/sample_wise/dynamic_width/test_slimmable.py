@@ -24,9 +24,8 @@ def test_each_width_level_equals_its_static_slice_and_cost():
             assert m.level_cost[lv] == static_flops(static, x[:1])
 
 
-def test_execute_groups_rows_by_width():
-    m = _model()
-    x = m.example_input(64, generator=torch.Generator().manual_seed(3))
+def _spy_run_level(m):
+    """Record (level, rows) of every ``run_level`` call from now on; returns the list it fills."""
     calls = []
     orig = m.run_level
 
@@ -35,6 +34,13 @@ def test_execute_groups_rows_by_width():
         return orig(sub, lv, folded=folded)
 
     m.run_level = spy
+    return calls
+
+
+def test_execute_groups_rows_by_width():
+    m = _model()
+    x = m.example_input(64, generator=torch.Generator().manual_seed(3))
+    calls = _spy_run_level(m)
     with torch.inference_mode():
         out = m(x, mode="execute")
     counts = torch.bincount(out.width, minlength=m.num_levels)
@@ -99,18 +105,11 @@ def _cascade(threshold=0.15):
 def test_cascade_runs_each_rung_on_the_undecided_rows_only_and_charges_what_ran():
     m = _cascade()
     x = m.example_input(64, generator=torch.Generator().manual_seed(2))
-    calls = []
-    orig = m.run_level
-
-    def spy(sub, lv, *, folded=False):
-        calls.append((lv, sub.shape[0]))
-        return orig(sub, lv, folded=folded)
-
     with torch.inference_mode():
         rungs = torch.stack([m.run_level(x, lv) for lv in m.ladder], 1)
         m.set_threshold(float(rungs[:, 0].softmax(-1).amax(-1).quantile(0.4)))  # ~60 % stop at the first rung
         stops = m.cascade_stops(rungs)
-        m.run_level = spy
+        calls = _spy_run_level(m)
         out = m(x, mode="execute")
     # rung i runs on exactly the samples that did not stop before it
     expected = [(lv, int((stops >= i).sum())) for i, lv in enumerate(m.ladder) if (stops >= i).any()]
