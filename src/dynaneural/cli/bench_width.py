@@ -98,6 +98,9 @@ def run_width_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
     meta["full_width_accuracy"], meta["per_width_accuracy"] = full_acc, per_width
     log(f"slimmable: full width {full_acc:.4f}, per width {per_width} ({meta['slimmable_train_seconds']:.0f} s)")
     for spec in opts.get("choosers", [{"chooser": "policy"}]):
+        unknown = set(spec) - {"chooser", "cascade_levels"}
+        if unknown:
+            raise ValueError(f"options.choosers entries take 'chooser' and 'cascade_levels', got {sorted(unknown)}")
         chooser = spec.get("chooser", "policy")
         slim.set_chooser(chooser, cascade_levels=spec.get("cascade_levels"))
         method = "slimmable" if chooser == "policy" else "slimmable_cascade_" + "_".join(

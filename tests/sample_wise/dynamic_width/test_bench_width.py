@@ -1,6 +1,8 @@
 """The width benchmark end to end on tiny synthetic data, and its trainings reused on a re-run."""
 
 
+import pytest
+
 from dynaneural.bench.cache import run_digest, training_dir
 from dynaneural.cli.bench_width import run_width_bench
 from dynaneural.recipes import Recipe
@@ -59,3 +61,11 @@ def test_width_bench_builds_the_recipe_width_and_can_skip_gating(tiny_mnist):
     out = run_width_bench(recipe, log=lambda s: None)
     assert [(r.method, r.batch_size) for r in out["rows"]] == [("slimmable", 1), ("slimmable", 16)]
     assert out["rows"][0].static_flops < 7.5e6 / 4  # the narrow network, not the default 32-64-128 one
+
+
+def test_width_bench_refuses_a_misspelt_chooser_option(tiny_mnist):
+    tiny_mnist(train=32, val=32, test=16)
+    recipe = _recipe()
+    recipe.options.update({"gating_keep": [], "choosers": [{"chooser": "cascade", "ladder": [1, 3]}]})
+    with pytest.raises(ValueError, match="cascade_levels"):
+        run_width_bench(recipe, log=lambda s: None)

@@ -297,7 +297,6 @@ class SlimmableCNN(AllOnFlag, DynamicModel):
         return SlimmableOutput(logits=logits, cost=ledger.flops, decisions={"width": level}, mode=mode,
                                aux_losses=aux, exit_logits=exit_logits, width_logits=width_logits)
 
-
     def _forward_cascade(self, x: torch.Tensor, mode: Mode) -> SlimmableOutput:
         """Confidence cascade over the ladder: a sample stops at the first rung whose max-softmax reaches the
         threshold (the last rung always accepts) and pays every rung it ran.
@@ -306,8 +305,8 @@ class SlimmableCNN(AllOnFlag, DynamicModel):
         every width on every sample and charges each sample the ladder's cumulative cost up to its stop."""
         b = x.shape[0]
         ledger = CostLedger.zeros(b, device=x.device)
-        level = torch.full((b,), self.ladder[-1], dtype=torch.long, device=x.device)
         if mode is Mode.EXECUTE:
+            level = torch.empty(b, dtype=torch.long, device=x.device)  # every row is filled at its stop
             logits = x.new_empty(b, self.num_classes)
             active = torch.arange(b, device=x.device)
             for i, lv in enumerate(self.ladder):
@@ -384,12 +383,12 @@ def _make(defaults: dict, overrides: dict) -> SlimmableCNN:
     return SlimmableCNN(SlimmableConfig(**{**defaults, **overrides}))
 
 
-_ChooserArg = tuple[int, ...] | None
+_Ladder = tuple[int, ...] | None
 
 
 @register_model
 def slimmable_mnist(*, threshold: float = 0.5, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128),
-                    chooser: str = "policy", cascade_levels: _ChooserArg = None) -> SlimmableCNN:
+                    chooser: str = "policy", cascade_levels: _Ladder = None) -> SlimmableCNN:
     """28×28 MNIST: 3 conv layers (32, 64, 128 channels at full width; strides 1, 2, 2), widths 25–100 %.
     ``widths`` sets the full-width channels of the three layers; ``chooser`` / ``cascade_levels`` as in
     :class:`SlimmableConfig`."""
@@ -401,7 +400,7 @@ def slimmable_mnist(*, threshold: float = 0.5, num_classes: int = 10, widths: tu
 
 @register_model
 def slimmable_cifar10(*, threshold: float = 0.5, num_classes: int = 10, chooser: str = "policy",
-                      cascade_levels: _ChooserArg = None) -> SlimmableCNN:
+                      cascade_levels: _Ladder = None) -> SlimmableCNN:
     """32×32 CIFAR-10: 4 conv layers (32, 64, 128, 128; strides 1, 2, 2, 1), widths 25–100 %."""
     return _make(dict(in_chans=3, input_size=32, widths=(32, 64, 128, 128), strides=(1, 2, 2, 1), policy_pool=8),
                  dict(threshold=threshold, num_classes=num_classes, chooser=chooser, cascade_levels=cascade_levels))
@@ -416,7 +415,7 @@ def test_slimmable(*, threshold: float = 0.5, num_classes: int = 10) -> Slimmabl
 
 @register_model
 def test_slimmable_cascade(*, threshold: float = 0.15, num_classes: int = 10,
-                           cascade_levels: _ChooserArg = (0, 1, 3)) -> SlimmableCNN:
+                           cascade_levels: _Ladder = (0, 1, 3)) -> SlimmableCNN:
     """Tiny variant for tests with the confidence cascade over levels 25 → 50 → 100 %. Its head starts 30× the
     default scale so that an untrained network's confidences spread around the threshold and samples stop at
     different rungs (with the default init every max-softmax lies within 0.001 of the others)."""
