@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import dynaneural as dn
+from dynaneural.engine import TrainConfig
 from dynaneural.objectives import MultiExitLoss, exit_weights
 
 
@@ -31,6 +32,26 @@ def test_linear_and_explicit_weights_are_normalised():
     torch.testing.assert_close(MultiExitLoss(weights=[2, 2, 2])(z, y)["loss"], MultiExitLoss()(z, y)["loss"])
     torch.testing.assert_close(MultiExitLoss(weights=[0, 0, 1])(z, y)["loss"], ce[2])
     torch.testing.assert_close(exit_weights("linear", 4), torch.tensor([0.1, 0.2, 0.3, 0.4]))
+
+
+def test_unnormalised_weights_sum_the_exit_losses():
+    """normalise=False (slimmable networks' objective): uniform is the plain sum, explicit weights apply as given."""
+    z, y = _logits(), torch.randint(0, 5, (6,))
+    ce = [F.cross_entropy(t, y) for t in z]
+    torch.testing.assert_close(MultiExitLoss(normalise=False)(z, y)["loss"], sum(ce))
+    torch.testing.assert_close(MultiExitLoss(weights=[2, 0, 1], normalise=False)(z, y)["loss"], 2 * ce[0] + ce[2])
+    torch.testing.assert_close(exit_weights("linear", 3, normalise=False), torch.tensor([1.0, 2.0, 3.0]))
+    # distillation keeps its per-exit form; only the weighting changes
+    a = MultiExitLoss(distill_alpha=0.5, normalise=False)(z, y)["loss"]
+    torch.testing.assert_close(a, 3 * MultiExitLoss(distill_alpha=0.5)(z, y)["loss"])
+    with pytest.raises(ValueError, match="normalise must be a bool"):
+        MultiExitLoss(normalise="no")
+
+
+def test_train_config_passes_normalise_to_the_loss():
+    cfg = TrainConfig(normalise_exit_weights=False, device="cpu")
+    assert cfg.loss().normalise is False and cfg.to_dict()["normalise_exit_weights"] is False
+    assert TrainConfig.from_dict(cfg.to_dict()).loss() == cfg.loss()
 
 
 def test_single_exit_or_plain_logits_is_cross_entropy():
@@ -132,5 +153,5 @@ def test_output_and_config_validation():
 
 
 def test_config_round_trip():
-    loss = MultiExitLoss(weights=[1, 2], distill_alpha=0.3)
-    assert MultiExitLoss(**loss.config()) == loss
+    for loss in (MultiExitLoss(weights=[1, 2], distill_alpha=0.3), MultiExitLoss(normalise=False)):
+        assert MultiExitLoss(**loss.config()) == loss

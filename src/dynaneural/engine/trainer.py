@@ -71,6 +71,8 @@ class TrainConfig:
         warmup_epochs: linear warm-up from 0 to ``lr`` over this many epochs (may be fractional).
         min_lr_ratio: final learning rate of the cosine schedule, as a fraction of ``lr``.
         exit_weights: ``MultiExitLoss`` weights: ``"uniform"``, ``"linear"`` or one number per exit.
+        normalise_exit_weights: ``MultiExitLoss.normalise``: scale the exit weights to sum to one (default) or sum
+            the exits' losses as weighted (slimmable networks' objective).
         distill_alpha: ``MultiExitLoss`` self-distillation share α (0 = off).
         distill_temperature: ``MultiExitLoss`` distillation temperature T.
         policy_weight: ``MultiExitLoss`` weight of the exit-policy BCE (models with learned exit policies).
@@ -101,6 +103,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     min_lr_ratio: float = 0.0
     exit_weights: str | tuple[float, ...] = "uniform"
+    normalise_exit_weights: bool = True
     distill_alpha: float = 0.0
     distill_temperature: float = 3.0
     policy_weight: float = 1.0
@@ -168,7 +171,7 @@ class TrainConfig:
         """The training objective these options describe."""
         return MultiExitLoss(weights=self.exit_weights, distill_alpha=self.distill_alpha,
                              distill_temperature=self.distill_temperature, policy_weight=self.policy_weight,
-                             label_smoothing=self.label_smoothing)
+                             label_smoothing=self.label_smoothing, normalise=self.normalise_exit_weights)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (paths as strings, tuples as lists)."""

@@ -15,7 +15,7 @@ Papers:
   trained with binary cross-entropy against the target ``argmax(z_k) == y``
   (:class:`dynaneural.policies.ExitPolicyHead`).
 
-The full objective, with exit weights ``w`` normalised to sum to one and ``K`` exits::
+The full objective, with exit weights ``w`` (normalised to sum to one unless ``normalise=False``) and ``K`` exits::
 
     loss = Σ_{k<K} w_k [(1 − α) CE_k + α T² KL(softmax(z_K/T).detach() ‖ softmax(z_k/T))] + w_K CE_K
            + β · mean_k BCE(policy_k, [argmax z_k = y])
@@ -36,8 +36,9 @@ import torch.nn.functional as F
 __all__ = ["MultiExitLoss", "exit_weights"]
 
 
-def exit_weights(weights: str | Sequence[float], num_exits: int) -> torch.Tensor:
-    """Normalised (K,) float32 exit weights from ``"uniform"``, ``"linear"`` (w_k ∝ k + 1) or an explicit list."""
+def exit_weights(weights: str | Sequence[float], num_exits: int, *, normalise: bool = True) -> torch.Tensor:
+    """(K,) float32 exit weights from ``"uniform"`` (all 1), ``"linear"`` (w_k = k + 1) or an explicit list,
+    scaled to sum to one unless ``normalise=False``."""
     if num_exits < 1:
         raise ValueError(f"num_exits must be >= 1, got {num_exits}")
     if isinstance(weights, str):
@@ -51,7 +52,7 @@ def exit_weights(weights: str | Sequence[float], num_exits: int) -> torch.Tensor
         w = torch.as_tensor([float(v) for v in weights], dtype=torch.float32)
         if w.numel() != num_exits:
             raise ValueError(f"got {w.numel()} exit weights for a model with {num_exits} exits")
-    return w / w.sum()
+    return w / w.sum() if normalise else w
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,7 +61,12 @@ class MultiExitLoss:
 
     Args:
         weights: ``"uniform"``, ``"linear"`` (later exits weigh more, w_k ∝ k + 1) or one non-negative number
-            per exit; normalised to sum to one.
+            per exit; normalised to sum to one unless ``normalise`` is off.
+        normalise: scale the weights to sum to one (the default: the loss has the scale of one cross-entropy
+            whatever the number of exits). ``False`` sums the exits' losses as given ("uniform" = a plain sum), as
+            slimmable networks do (Yu et al., ICLR 2019): each width then gets the full gradient of its own
+            loss instead of ``1/K`` of it, which with SGD is the same as a ``K``× learning rate and a ``1/K``
+            weight decay.
         distill_alpha: α, the share of the distillation term in each shallow exit's loss (0 disables it).
         distill_temperature: T, the softening temperature of teacher and students.
         policy_weight: β, the weight of the exit-policy BCE (used only when the output has ``policy_logits``).
@@ -77,8 +83,11 @@ class MultiExitLoss:
     distill_temperature: float = 3.0
     policy_weight: float = 1.0
     label_smoothing: float = 0.0
+    normalise: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.normalise, bool):
+            raise ValueError(f"normalise must be a bool, got {self.normalise!r}")
         if isinstance(self.weights, str):
             if self.weights not in ("uniform", "linear"):
                 raise ValueError(f"weights must be 'uniform', 'linear' or a list of numbers, got {self.weights!r}")
@@ -104,13 +113,14 @@ class MultiExitLoss:
         """JSON-serialisable constructor arguments."""
         w = self.weights if isinstance(self.weights, str) else list(self.weights)
         return {"weights": w, "distill_alpha": self.distill_alpha, "distill_temperature": self.distill_temperature,
-                "policy_weight": self.policy_weight, "label_smoothing": self.label_smoothing}
+                "policy_weight": self.policy_weight, "label_smoothing": self.label_smoothing,
+                "normalise": self.normalise}
 
     def __call__(self, output: Any, target: torch.Tensor) -> dict[str, torch.Tensor]:
         exit_logits, policy_logits = _unpack(output)
         k_exits = len(exit_logits)
         target = _check_target(target, exit_logits)
-        w = exit_weights(self.weights, k_exits).to(exit_logits[0].device)
+        w = exit_weights(self.weights, k_exits, normalise=self.normalise).to(exit_logits[0].device)
         parts: dict[str, torch.Tensor] = {}
         zero = exit_logits[-1].new_zeros((), dtype=torch.float32)
         total = zero
