@@ -90,3 +90,19 @@ def test_build_leaves_member_modes_alone() -> None:
     members = [m.eval() for m in _members((1, 2))]
     build_cascade(members)
     assert not any(m.training for member in members for m in member.modules())
+
+
+def test_built_under_inference_mode_runs_and_reconfigures() -> None:
+    """A cascade built (and calibrated) inside ``torch.inference_mode()`` must still run, and take new thresholds,
+    outside it: its threshold buffer is a normal tensor, not an inference tensor without a version counter."""
+    members = _members((1, 2))
+    x = 3.0 * torch.randn(16, 1, 8, 8)
+    with torch.inference_mode():
+        model = build_cascade(members).eval()
+        model.configure_exits(rule="confidence", thresholds=[0.5, float("-inf")])
+        inside = model(x, mode="execute").exit_index
+    assert not model.exit_thresholds.is_inference()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, mode="execute").exit_index, inside)
+        model.configure_exits(rule="confidence", thresholds=[0.0, float("-inf")])  # every sample exits first
+        assert (model(x, mode="execute").exit_index == 0).all()

@@ -144,6 +144,29 @@ def test_cascade_threshold_extremes_and_calibration():
         calibrate_width(m, x, budget=0.9 * m.level_cost[m.ladder[0]] / full)  # below the first rung alone
 
 
+def test_to_cascade_is_the_same_cascade_as_a_multi_exit_network_and_streams():
+    """The exported model cascade takes the same decisions, logits and per-sample cost (one batch and streamed),
+    and folding its batch norms changes the logits only by rounding."""
+    m = _cascade()
+    x = m.example_input(96, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        first = m.run_level(x, m.ladder[0]).softmax(-1).amax(-1)
+        for q in (0.0, 0.3, 0.7, 1.0):
+            m.set_threshold(min(1.0, float(first.quantile(q))))  # a threshold equal to some sample's score: ties
+            c = m.to_cascade()
+            assert not c.training and c.num_exits == len(m.ladder)
+            ref = m(x, mode="execute")
+            for out in (c(x, mode="execute"), c(x, mode="execute", slots=16), c(x, mode="simulate")):
+                torch.testing.assert_close(torch.tensor(m.ladder)[out.exit_index], ref.width, rtol=0, atol=0)
+                torch.testing.assert_close(out.cost, ref.cost, rtol=1e-9, atol=0)
+                torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        folded = dn.layers.fold_batch_norms(c)
+        out = folded(x, mode="execute", slots=16)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        assert (out.cost < ref.cost).all()  # the folded network runs no batch norm and is charged none
+    assert m.train().to_cascade().training  # follows the source model's mode
+
+
 def test_chooser_switch_and_bad_ladders_fail_loudly():
     m = _model()
     x = m.example_input(16)

@@ -55,6 +55,7 @@ from dynaneural.outputs import DynamicOutput
 from dynaneural.policies.exit_rules import ConfidenceRule
 from dynaneural.registry import register_model
 from dynaneural.sample_wise.dynamic_params.functional import FoldedBN, conv_output_size
+from dynaneural.sample_wise.early_exit.multi_exit import MultiExitNetwork
 from dynaneural.validation import check_batch
 
 __all__ = ["SlimConv", "SlimmableCNN", "SlimmableConfig", "SlimmableOutput", "calibrate_width"]
@@ -215,6 +216,26 @@ class SlimmableCNN(AllOnFlag, DynamicModel):
             head.weight.copy_(self.head.weight[:, :c])
             head.bias.copy_(self.head.bias)
         return nn.Sequential(*body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).to(self.head.weight.device)
+
+    def to_cascade(self) -> MultiExitNetwork:
+        """The cascade chooser as a plain model cascade, for deployment: the ladder's widths as static CNNs
+        (:meth:`to_static`, copies of the shared weights and of each width's BN) chained by
+        :func:`~dynaneural.sample_wise.early_exit.cascade.build_cascade`, with this model's threshold on the
+        ``confidence`` rule at every rung but the last.
+
+        It takes the same decisions (exit ``k`` = the ladder's ``k``-th width), gives the same logits and charges
+        the same per-sample cost as this model in execute mode, and it adds what the multi-exit machinery has:
+        streamed execution (``slots=``: every width runs on full batches over a stream of inputs), per-exit
+        thresholds and the other exit rules. Fold its batch norms for speed with
+        :func:`dynaneural.layers.fold_batch_norms` (the ledger then counts no BN, as the folded network runs none).
+        """
+        from dynaneural.sample_wise.early_exit.cascade import build_cascade
+
+        members = [self.to_static(lv) for lv in self.ladder]
+        cascade = build_cascade(members, num_classes=self.num_classes, input_shape=self.input_shape)
+        cascade.configure_exits(rule="confidence",
+                                thresholds=[self.threshold] * (len(self.ladder) - 1) + [float("-inf")])
+        return cascade.train(self.training)
 
     def set_threshold(self, threshold: float) -> None:
         if not 0.0 <= threshold <= 1.0:

@@ -159,8 +159,9 @@ class MultiExitNetwork(DynamicModel):
         )
         k = len(exit_stage)
         # Calibrated thresholds travel with the weights. Default: every intermediate exit disabled (static net).
-        thresholds = torch.full((k,), float("inf"))
-        thresholds[-1] = float("-inf")
+        with torch.inference_mode(False):  # a normal tensor even when built under inference mode (see _default_plan)
+            thresholds = torch.full((k,), float("inf"))
+            thresholds[-1] = float("-inf")
         self.register_buffer("exit_thresholds", thresholds)
         self.exit_rule: ExitRule = create_exit_rule("confidence")
         self._profiles: dict[tuple[int, ...], ExitCostProfile] = {}
@@ -291,8 +292,10 @@ class MultiExitNetwork(DynamicModel):
     def _default_plan(self) -> _ExitPlan:
         """The configured thresholds as a plan, cached until the buffer changes (its version counter moves on
         every in-place write, ``load_state_dict`` included): saves a few tensor ops per call at batch 1."""
-        key = (self.exit_thresholds._version, self.exit_thresholds.data_ptr())
-        if getattr(self, "_plan_key", None) != key:
+        t = self.exit_thresholds
+        # An inference tensor (a buffer swapped in under inference mode) has no version counter: no caching.
+        key = None if t.is_inference() else (t._version, t.data_ptr())
+        if key is None or getattr(self, "_plan_key", None) != key:
             thr = self.exit_thresholds.detach().float().cpu().clone()
             thr[-1] = float("-inf")
             self._plan, self._plan_key = _ExitPlan.of(thr), key
