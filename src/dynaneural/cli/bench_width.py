@@ -53,6 +53,7 @@ def run_width_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
     """Train, calibrate and time the recipe's width methods; returns ``{rows, meta}``. With ``out_dir`` the
     trainings checkpoint there and are reused by a re-run with the same settings."""
     from dynaneural.bench.rows import SpeedupRow, time_against_static
+    from dynaneural.bench.timing import compare
     from dynaneural.compute.flops import static_flops
     from dynaneural.data import load_dataset
     from dynaneural.engine import evaluate
@@ -69,20 +70,31 @@ def run_width_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
     meta: dict[str, Any] = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0])}
 
     def timed_rows(method: str, model: Any, static: Any, *, acc: float, mean_flops: float, full_flops: float,
-                   static_acc: float, budget: float, extra: dict[str, Any]) -> None:
+                   static_acc: float, budget: float, extra: dict[str, Any], stream: Any = None) -> None:
+        """Time ``model`` against ``static`` per batch size; with ``stream`` (a multi-exit network taking
+        ``slots=``), also a stream of the same inputs in slots of the batch size (keys ``*_stream``)."""
         static_fn = fold_batch_norms(static).eval()
         for bs in bench.batch_sizes:
             xs = x_time if bs > 1 else x_time[: bench.timed_samples_batch1]
             t = time_against_static(static_fn, lambda xb: model(xb, mode="execute"), xs, batch_size=bs,
                                     repeats=bench.repeats)
             theo = full_flops / mean_flops
+            more = dict(extra)
+            if stream is not None and bs > 1:
+                s = compare(lambda xs=xs, bs=bs: [static_fn(xs[i:i + bs]) for i in range(0, xs.shape[0], bs)],
+                            lambda xs=xs, bs=bs: stream(xs, mode="execute", validate=False, slots=bs),
+                            repeats=bench.repeats)
+                more |= {"realized_speedup_stream": s.speedup, "realized_over_theoretical_stream": s.speedup / theo,
+                         "stream_ms_per_sample": s.candidate_s * 1e3 / xs.shape[0]}
             rows.append(SpeedupRow(method=method, batch_size=bs, accuracy=acc, mean_flops=mean_flops,
                                    static_flops=full_flops, theoretical_speedup=theo,
                                    realized_over_theoretical=t["realized_speedup"] / theo, budget=budget,
                                    achieved_budget=mean_flops / full_flops, static_accuracy=static_acc,
-                                   extra=extra, **t))
+                                   extra=more, **t))
+            streamed = (f" streamed={more['realized_speedup_stream']:.2f}x" if "realized_speedup_stream" in more
+                        else "")
             log(f"  {method} budget={budget:.2f} batch={bs}: acc={acc:.4f} flops={mean_flops / full_flops:.3f} "
-                f"theoretical={theo:.2f}x realized={t['realized_speedup']:.2f}x")
+                f"theoretical={theo:.2f}x realized={t['realized_speedup']:.2f}x{streamed}")
 
     # ---------------------------------------------------------------- slimmable widths
     t0 = time.perf_counter()
@@ -116,10 +128,13 @@ def run_width_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
             extra = {"chooser": chooser, "threshold": cal.knob, "validation_cost": cal.mean_cost,
                      "validation_accuracy": val_acc,
                      "width_fraction": [round(float(h), 4) for h in hist], "width_mults": list(slim.width_mults)}
+            stream = None
             if chooser == "cascade":
                 extra["cascade_levels"] = list(slim.ladder)
+                # the same cascade as a plain model cascade (BN folded, as the static side): streamed execution
+                stream = fold_batch_norms(slim.to_cascade()).eval()
             timed_rows(method, slim, static, acc=ev.accuracy, mean_flops=float(ev.mean_cost), full_flops=full_flops,
-                       static_acc=full_acc, budget=budget, extra=extra)
+                       static_acc=full_acc, budget=budget, extra=extra, stream=stream)
     slim.set_chooser(slim.config["chooser"], cascade_levels=slim.config["cascade_levels"])
 
     # ---------------------------------------------------------------- FBS channel gating

@@ -43,6 +43,13 @@ def test_width_bench_rows_and_reused_trainings(tiny_mnist, tmp_path):
     cascade = [r for r in third["rows"] if r.method.startswith("slimmable_cascade")]
     assert all(r.extra["cascade_levels"] == [1, 3] and set(r.extra["width_fraction"][i] for i in (0, 2)) == {0.0}
                for r in cascade)
+    # the cascade is also timed as a stream in slots of the batch size (batch > 1 only); the policy is not
+    streamed = {(r.method, r.batch_size) for r in third["rows"] if "realized_speedup_stream" in r.extra}
+    assert streamed == {("slimmable_cascade_50_100", 16)}
+    row = next(r for r in cascade if r.batch_size == 16)
+    assert row.extra["realized_speedup_stream"] > 0
+    assert row.extra["realized_over_theoretical_stream"] == pytest.approx(
+        row.extra["realized_speedup_stream"] / row.theoretical_speedup)
     assert [r.accuracy for r in third["rows"][:2]] == [r.accuracy for r in first["rows"][:2]]
 
 
