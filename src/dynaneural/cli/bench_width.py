@@ -81,9 +81,10 @@ def run_width_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
             theo = full_flops / mean_flops
             more = dict(extra)
             if stream is not None and bs > 1:
-                s = compare(lambda xs=xs, bs=bs: [static_fn(xs[i:i + bs]) for i in range(0, xs.shape[0], bs)],
-                            lambda xs=xs, bs=bs: stream(xs, mode="execute", validate=False, slots=bs),
-                            repeats=bench.repeats)
+                with torch.inference_mode():  # as time_against_static: no autograd on either side
+                    s = compare(lambda xs=xs, bs=bs: [static_fn(xs[i:i + bs]) for i in range(0, xs.shape[0], bs)],
+                                lambda xs=xs, bs=bs: stream(xs, mode="execute", validate=False, slots=bs),
+                                repeats=bench.repeats)
                 more |= {"realized_speedup_stream": s.speedup, "realized_over_theoretical_stream": s.speedup / theo,
                          "stream_ms_per_sample": s.candidate_s * 1e3 / xs.shape[0]}
             rows.append(SpeedupRow(method=method, batch_size=bs, accuracy=acc, mean_flops=mean_flops,

@@ -2,6 +2,7 @@
 
 
 import pytest
+import torch
 
 from dynaneural.bench.cache import run_digest, training_dir
 from dynaneural.cli.bench_width import run_width_bench
@@ -17,7 +18,7 @@ def _recipe():
         "options": {"gating_keep": [0.5]}})
 
 
-def test_width_bench_rows_and_reused_trainings(tiny_mnist, tmp_path):
+def test_width_bench_rows_and_reused_trainings(tiny_mnist, tmp_path, monkeypatch):
     tiny_mnist(train=64, val=64, test=32)
     first = run_width_bench(_recipe(), out_dir=tmp_path, log=lambda s: None)
     assert [(r.method, r.batch_size) for r in first["rows"]] == [
@@ -35,7 +36,16 @@ def test_width_bench_rows_and_reused_trainings(tiny_mnist, tmp_path):
     # adding a chooser only changes the evaluation: same checkpoints, one more method
     recipe = _recipe()
     recipe.options["choosers"] = [{"chooser": "policy"}, {"chooser": "cascade", "cascade_levels": [1, 3]}]
+    import dynaneural.bench.timing as timing
+    grad_modes, real_compare = [], timing.compare
+
+    def spy_compare(*args, **kwargs):  # only the streamed timing calls it by this name
+        grad_modes.append(torch.is_grad_enabled())
+        return real_compare(*args, **kwargs)
+
+    monkeypatch.setattr(timing, "compare", spy_compare)
     third = run_width_bench(recipe, out_dir=tmp_path, log=lambda s: None)
+    assert grad_modes == [False]  # timed without autograd, as the per-batch rows (time_against_static)
     assert [p.stat().st_mtime_ns for p in ckpts] == stamps
     assert [(r.method, r.batch_size) for r in third["rows"]] == [
         ("slimmable", 1), ("slimmable", 16), ("slimmable_cascade_50_100", 1), ("slimmable_cascade_50_100", 16),
