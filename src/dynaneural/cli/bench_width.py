@@ -52,6 +52,7 @@ def run_width_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
                     log: Any = print) -> dict[str, Any]:
     """Train, calibrate and time the recipe's width methods; returns ``{rows, meta}``. With ``out_dir`` the
     trainings checkpoint there and are reused by a re-run with the same settings."""
+    from dynaneural.bench.early_exit import run_in_batches
     from dynaneural.bench.rows import SpeedupRow, time_against_static
     from dynaneural.bench.timing import compare
     from dynaneural.compute.flops import static_flops
@@ -82,7 +83,7 @@ def run_width_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
             more = dict(extra)
             if stream is not None and bs > 1:
                 with torch.inference_mode():  # as time_against_static: no autograd on either side
-                    s = compare(lambda xs=xs, bs=bs: [static_fn(xs[i:i + bs]) for i in range(0, xs.shape[0], bs)],
+                    s = compare(lambda xs=xs, bs=bs: run_in_batches(static_fn, xs, bs),
                                 lambda xs=xs, bs=bs: stream(xs, mode="execute", validate=False, slots=bs),
                                 repeats=bench.repeats)
                 more |= {"realized_speedup_stream": s.speedup, "realized_over_theoretical_stream": s.speedup / theo,
