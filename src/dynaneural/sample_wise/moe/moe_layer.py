@@ -475,10 +475,13 @@ class MoEModelOutput(DynamicOutput):
     tokens_per_expert: torch.Tensor | None = None
 
 
-def collect_moe_results(results: list[MoEResult], batch_size: int, tokens: int
+def collect_moe_results(results: list[MoEResult], batch_size: int
                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, list[torch.Tensor],
                                    torch.Tensor]:
     """Per-sample decisions, summed aux losses, per-sample MoE FLOPs, router logits and expert counts of a stack.
+
+    Every layer's tokens are ``batch_size`` samples of equal token counts (a layer's count may differ from another's,
+    e.g. the feature maps of a CNN at two resolutions).
 
     Decisions per layer ``l``: ``moe{l}/experts`` (B, T·k) chosen experts with -1 for dropped assignments (top-k)
     or ``moe{l}/assigned`` (B, T·E) bool token-expert assignments (expert choice); ``moe_dropped`` (B,) dropped
@@ -498,8 +501,8 @@ def collect_moe_results(results: list[MoEResult], batch_size: int, tokens: int
             decisions[f"moe{i}/assigned"] = r.assignment_mask().view(batch_size, -1)
         for k, v in res.aux_losses.items():
             aux[k] = aux[k] + v if k in aux else v
-        flops += res.token_flops.view(batch_size, tokens).sum(1)
-        logits.append(res.router_logits.view(batch_size, tokens, -1))
+        flops += res.token_flops.view(batch_size, -1).sum(1)
+        logits.append(res.router_logits.view(batch_size, -1, res.router_logits.shape[-1]))
         counts.append(torch.tensor(r.counts))
     decisions["moe_dropped"] = dropped
     return decisions, aux, flops, logits, torch.stack(counts)
@@ -525,9 +528,9 @@ class MoEStackMixin:
             for m in self.moe_layers():
                 m.set_all_on(False)
 
-    def _moe_output(self, results: list[MoEResult], logits: torch.Tensor, *, batch_size: int, tokens: int,
-                    mode: Mode) -> MoEModelOutput:
-        decisions, aux, moe_flops, router_logits, counts = collect_moe_results(results, batch_size, tokens)
+    def _moe_output(self, results: list[MoEResult], logits: torch.Tensor, *, batch_size: int, mode: Mode
+                    ) -> MoEModelOutput:
+        decisions, aux, moe_flops, router_logits, counts = collect_moe_results(results, batch_size)
         ledger = CostLedger.zeros(batch_size, device=logits.device)
         ledger.charge(self._dense_flops, part="dense")
         ledger.charge(moe_flops, part="moe")

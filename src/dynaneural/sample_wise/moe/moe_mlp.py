@@ -111,7 +111,7 @@ class MoEMLP(MoEStackMixin, DynamicModel):
             h = h + res.output
             results.append(res)
         logits = self.head(self.norm(h))
-        return self._moe_output(results, logits, batch_size=b, tokens=1, mode=mode)
+        return self._moe_output(results, logits, batch_size=b, mode=mode)
 
     def to_static(self) -> nn.Module:
         return _StaticMoEMLP(self)

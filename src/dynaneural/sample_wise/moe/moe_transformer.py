@@ -220,7 +220,7 @@ class MoETransformer(MoEStackMixin, DynamicModel):
             h = h + res.output
             results.append(res)
         logits = self.head(self.norm(h).mean(1))
-        return self._moe_output(results, logits, batch_size=b, tokens=self.num_tokens, mode=mode)
+        return self._moe_output(results, logits, batch_size=b, mode=mode)
 
     def to_static(self) -> nn.Module:
         return _StaticMoETransformer(self)
