@@ -6,13 +6,17 @@ import torch
 from dynaneural.cli.bench_moe_accuracy import run_moe_accuracy_bench
 from dynaneural.recipes import Recipe, load_recipe
 
+_TINY_KWARGS = {"moe_transformer_mnist": {"dim": 16}, "moe_mlp_mnist": {"dim": 16},
+                "moe_convnet_mnist": {"widths": [4, 8, 8]}}
 
-@pytest.mark.parametrize("model", ["moe_transformer_mnist", "moe_mlp_mnist"])
+
+@pytest.mark.parametrize("model", sorted(_TINY_KWARGS))
 def test_moe_accuracy_bench_trains_both_and_compares_equal_active_flops(tiny_mnist, model):
     tiny_mnist(train=96, val=32, test=48)
     recipe = Recipe.from_dict({
         "name": "tiny_moe_accuracy", "model": model, "dataset": "mnist",
-        "model_kwargs": {"num_experts": 4, "top_k": 2, "dim": 16, "hidden": 16, "depth": 1, "num_classes": 3},
+        "model_kwargs": {"num_experts": 4, "top_k": 2, "hidden": 16, "depth": 1, "num_classes": 3,
+                         **_TINY_KWARGS[model]},
         "train": {"epochs": 1, "batch_size": 32, "lr": 0.01, "device": "cpu"},
         "bench": {"batch_sizes": [16], "repeats": 1, "timed_samples": 32}})
     lines: list[str] = []
@@ -29,6 +33,7 @@ def test_moe_accuracy_bench_trains_both_and_compares_equal_active_flops(tiny_mni
 def test_moe_accuracy_recipe_parses_and_rejects_expert_choice(tiny_mnist):
     assert load_recipe("moe_accuracy_mnist").model_kwargs["top_k"] == 2
     assert load_recipe("moe_accuracy_mnist_mlp").model == "moe_mlp_mnist"
+    assert load_recipe("moe_accuracy_cifar10_cnn").model == "moe_convnet_cifar10"
     tiny_mnist(train=96, val=32, test=48)
     recipe = Recipe.from_dict({"name": "x", "model": "moe_transformer_mnist", "dataset": "mnist",
                                "model_kwargs": {"routing": "expert_choice"}})
