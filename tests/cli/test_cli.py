@@ -93,3 +93,29 @@ def test_visualize_kinds_render_pngs(kind, model_name, tmp_path):
     model = dn.create_model(model_name).eval()
     paths = kinds[kind](model, example_input(model, 4, generator=torch.Generator().manual_seed(0)), tmp_path)
     assert paths and all(p.suffix == ".png" and p.stat().st_size > 0 for p in map(Path, paths))
+
+
+@pytest.mark.parametrize("bench", ["moe-accuracy", "width", "dynparams", "tokens", "regions", "layer-skip",
+                                   "early-exit"])
+def test_bench_dataset_defaults_to_the_recipes(bench):
+    from dynaneural.cli.main import build_parser, resolve_recipe
+
+    parser = build_parser()
+    args = parser.parse_args(["bench", bench, *(["--method", "aig"] if bench == "layer-skip" else [])])
+    assert args.dataset is None and args.default_dataset
+    recipe = resolve_recipe(args, prefix="moe_accuracy") if bench == "moe-accuracy" else None
+    if recipe is not None:  # no --recipe: <prefix>_<default dataset>
+        assert recipe.name == "moe_accuracy_mnist" and args.dataset == "mnist"
+
+
+def test_recipe_gives_the_dataset_and_a_contradicting_dataset_is_an_error():
+    from dynaneural.cli.main import build_parser, resolve_recipe
+
+    parser = build_parser()
+    args = parser.parse_args(["bench", "moe-accuracy", "--recipe", "moe_accuracy_cifar10_cnn"])
+    assert resolve_recipe(args, prefix="moe_accuracy").dataset == "cifar10" and args.dataset == "cifar10"
+    args = parser.parse_args(["bench", "moe-accuracy", "--recipe", "moe_accuracy_cifar10_cnn", "--dataset", "cifar10"])
+    assert resolve_recipe(args, prefix="moe_accuracy").name == "moe_accuracy_cifar10_cnn"
+    args = parser.parse_args(["bench", "moe-accuracy", "--recipe", "moe_accuracy_cifar10_cnn", "--dataset", "mnist"])
+    with pytest.raises(SystemExit, match="is for dataset cifar10, not mnist"):
+        resolve_recipe(args, prefix="moe_accuracy")

@@ -208,9 +208,11 @@ def cmd_bench_dynparams(args: argparse.Namespace) -> int:
 
 
 def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
+    from dynaneural.cli.main import add_dataset_option
+
     d = bsub.add_parser("dynparams", help="dynamic parameters (CondConv, DyConv, hypernetwork, SE) and gated "
                                           "dense connections against the static CNN")
-    d.add_argument("--dataset", default="fashion-mnist", choices=["mnist", "fashion-mnist", "cifar10"])
+    add_dataset_option(d, default="fashion-mnist", choices=["mnist", "fashion-mnist", "cifar10"])
     d.add_argument("--recipe", default=None, help="default: dynparams_<dataset>")
     d.add_argument("--quick", action="store_true", help="the recipe's quick variant")
     d.add_argument("--epochs", type=int, default=None)

@@ -16,19 +16,11 @@ __all__ = ["register"]
 
 def cmd_bench_layer_skip(args: argparse.Namespace) -> int:
     from dynaneural.bench.rows import format_rows, write_bench_json
-    from dynaneural.cli.main import _maybe_reexec_with_tuned_allocator
-    from dynaneural.recipes import load_recipe
+    from dynaneural.cli.main import _maybe_reexec_with_tuned_allocator, resolve_recipe
     from dynaneural.sample_wise.layer_skip.bench import run_layer_skip_bench
 
     _maybe_reexec_with_tuned_allocator(args)
-    name = args.recipe or f"layer_skip_{args.method}_{args.dataset.replace('-', '_')}"
-    recipe = load_recipe(name)
-    if args.epochs:
-        recipe.train["epochs"] = args.epochs
-    if args.quick:
-        recipe = recipe.quick_variant()
-    if recipe.dataset != args.dataset:
-        raise SystemExit(f"recipe {recipe.name} is for dataset {recipe.dataset}, not {args.dataset}")
+    recipe = resolve_recipe(args, prefix=f"layer_skip_{args.method}")
     out = Path(args.out or f"runs/bench-{recipe.name}")
     def log(line: str) -> None:  # one line per stage (training runs without progress bars)
         print(line, flush=True)
@@ -46,10 +38,12 @@ def cmd_bench_layer_skip(args: argparse.Namespace) -> int:
 
 
 def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
+    from dynaneural.cli.main import add_dataset_option
+
     p = bsub.add_parser("layer-skip", help="layer skipping (SkipNet, ConvNet-AIG, BlockDrop): calibrate budgets, "
                                            "time against the full ResNet")
     p.add_argument("--method", required=True, choices=["skipnet", "aig", "blockdrop"])
-    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "mnist", "fashion-mnist"])
+    add_dataset_option(p, default="cifar10", choices=["cifar10", "mnist", "fashion-mnist"])
     p.add_argument("--recipe", default=None, help="default: layer_skip_<method>_<dataset>")
     p.add_argument("--quick", action="store_true", help="the recipe's quick variant")
     p.add_argument("--json", default=None, help="write the rows here")

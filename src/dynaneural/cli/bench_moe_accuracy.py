@@ -121,8 +121,10 @@ def cmd_bench_moe_accuracy(args: argparse.Namespace) -> int:
 
 
 def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
+    from dynaneural.cli.main import add_dataset_option
+
     p = bsub.add_parser("moe-accuracy", help="MoE model vs its dense twin of equal active FLOPs")
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
+    add_dataset_option(p, default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
     p.add_argument("--recipe", default=None, help="default: moe_accuracy_<dataset>")
     p.add_argument("--quick", action="store_true", help="the recipe's quick variant")
     p.add_argument("--seed", type=int, default=None, help="training seed (initialisation and data order; the "

@@ -103,12 +103,11 @@ def run_region_bench(recipe: Any, *, data_dir: str | None = None, log: Any = pri
 
 def cmd_bench_regions(args: argparse.Namespace) -> int:
     from dynaneural.bench.rows import format_rows, write_bench_json
-    from dynaneural.cli.main import _maybe_reexec_with_tuned_allocator, _recipe
+    from dynaneural.cli.main import _maybe_reexec_with_tuned_allocator, resolve_recipe
 
     _maybe_reexec_with_tuned_allocator(args)
     torch.set_num_threads(args.threads)
-    args.recipe = args.recipe or f"regions_{args.dataset.replace('-', '_')}"
-    recipe = _recipe(args)
+    recipe = resolve_recipe(args, prefix="regions")
     out = run_region_bench(recipe, data_dir=args.data_dir, log=lambda s: print(s, flush=True))
     print(format_rows(out["rows"], ["method", "budget", "batch_size", "accuracy", "mean_flops",
                                     "dynamic_ms_per_sample", "theoretical_speedup", "realized_speedup"]))
@@ -119,8 +118,10 @@ def cmd_bench_regions(args: argparse.Namespace) -> int:
 
 
 def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
+    from dynaneural.cli.main import add_dataset_option
+
     p = bsub.add_parser("regions", help="glance-and-focus (GFNet) and resolution-adaptive (RANet) vs static nets")
-    p.add_argument("--dataset", default="fashion-mnist", choices=["mnist", "fashion-mnist", "cifar10"])
+    add_dataset_option(p, default="fashion-mnist", choices=["mnist", "fashion-mnist", "cifar10"])
     p.add_argument("--recipe", default=None, help="default: regions_<dataset>")
     p.add_argument("--quick", action="store_true", help="the recipe's quick variant")
     p.add_argument("--epochs", type=int, default=None)

@@ -129,12 +129,11 @@ def run_token_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | 
 
 def cmd_bench_tokens(args: argparse.Namespace) -> int:
     from dynaneural.bench.rows import format_rows, write_bench_json
-    from dynaneural.cli.main import _maybe_reexec_with_tuned_allocator, _recipe
+    from dynaneural.cli.main import _maybe_reexec_with_tuned_allocator, resolve_recipe
 
     _maybe_reexec_with_tuned_allocator(args)
     torch.set_num_threads(args.threads)
-    args.recipe = args.recipe or f"tokens_{args.dataset.replace('-', '_')}"
-    recipe = _recipe(args)  # applies --methods
+    recipe = resolve_recipe(args, prefix="tokens")  # applies --methods
     out = run_token_bench(recipe, data_dir=args.data_dir, out_dir=args.out, log=lambda s: print(s, flush=True))
     print(format_rows(out["rows"]))
     if args.json:
@@ -144,8 +143,10 @@ def cmd_bench_tokens(args: argparse.Namespace) -> int:
 
 
 def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
+    from dynaneural.cli.main import add_dataset_option
+
     p = bsub.add_parser("tokens", help="ViT token pruning (DynamicViT), halting (A-ViT), merging (ToMe)")
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
+    add_dataset_option(p, default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
     p.add_argument("--recipe", default=None, help="default: tokens_<dataset>")
     p.add_argument("--methods", default=None, help="comma-separated subset of dynamicvit,avit,tome")
     p.add_argument("--quick", action="store_true", help="the recipe's quick variant")

@@ -160,8 +160,10 @@ def cmd_bench_width(args: argparse.Namespace) -> int:
 
 
 def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
+    from dynaneural.cli.main import add_dataset_option
+
     w = bsub.add_parser("width", help="dynamic width: slimmable per-sample widths and FBS channel gating")
-    w.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
+    add_dataset_option(w, default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
     w.add_argument("--recipe", default=None, help="default: width_<dataset>")
     w.add_argument("--quick", action="store_true", help="the recipe's quick variant")
     w.add_argument("--epochs", type=int, default=None)

@@ -45,6 +45,27 @@ def _recipe(args: argparse.Namespace) -> Any:
     return recipe.quick_variant() if getattr(args, "quick", False) else recipe
 
 
+def resolve_recipe(args: argparse.Namespace, *, prefix: str) -> Any:
+    """The recipe of a ``bench`` command: ``--recipe`` if given, else ``<prefix>_<dataset>``. ``--dataset`` defaults to
+    the recipe's dataset (else to the command's ``default_dataset``); given both, they must agree."""
+    if not args.recipe:
+        dataset = args.dataset or args.default_dataset
+        args.recipe = f"{prefix}_{dataset.replace('-', '_')}"
+    recipe = _recipe(args)
+    if args.dataset is None:
+        args.dataset = recipe.dataset
+    elif recipe.dataset != args.dataset:
+        raise SystemExit(f"recipe {recipe.name} is for dataset {recipe.dataset}, not {args.dataset}")
+    return recipe
+
+
+def add_dataset_option(parser: argparse.ArgumentParser, *, default: str, choices: list[str]) -> None:
+    """``--dataset``: default the recipe's when ``--recipe`` is given, else ``default``."""
+    parser.add_argument("--dataset", default=None, choices=choices,
+                        help=f"default: the recipe's dataset, else {default}")
+    parser.set_defaults(default_dataset=default)
+
+
 def run_recipe_bench(args: argparse.Namespace, *, prefix: str, run: Any) -> int:
     """The body every recipe-driven ``bench`` command shares: tuned allocator, the recipe (default
     ``<prefix>_<dataset>``), ``run(recipe, data_dir=...) -> {"rows": [...], "meta": {...}}``, a table, the JSON."""
@@ -53,10 +74,7 @@ def run_recipe_bench(args: argparse.Namespace, *, prefix: str, run: Any) -> int:
     from dynaneural.bench.rows import format_rows, write_bench_json
 
     _maybe_reexec_with_tuned_allocator(args)
-    args.recipe = args.recipe or f"{prefix}_{args.dataset.replace('-', '_')}"
-    recipe = _recipe(args)
-    if recipe.dataset != args.dataset:
-        raise SystemExit(f"recipe {recipe.name} is for dataset {recipe.dataset}, not {args.dataset}")
+    recipe = resolve_recipe(args, prefix=prefix)
     torch.set_num_threads(args.threads)
     extra = {"out_dir": args.out} if getattr(args, "out", None) else {}  # benches that keep checkpoints
     res = run(recipe, data_dir=args.data_dir, **extra)
@@ -124,10 +142,7 @@ def cmd_bench_early_exit(args: argparse.Namespace) -> int:
     from dynaneural.bench.pipeline import format_table, run_early_exit_experiment
 
     _maybe_reexec_with_tuned_allocator(args)
-    args.recipe = args.recipe or f"early_exit_{args.dataset.replace('-', '_')}"
-    recipe = _recipe(args)
-    if recipe.dataset != args.dataset:
-        raise SystemExit(f"recipe {recipe.name} is for dataset {recipe.dataset}, not {args.dataset}")
+    recipe = resolve_recipe(args, prefix="early_exit")
     out = Path(args.out or f"runs/bench-{recipe.name}")
     metrics = run_early_exit_experiment(recipe, out_dir=out, data_dir=args.data_dir, progress=not args.no_progress)
     metrics["allocator"] = {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")}
@@ -254,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: realized vs theoretical speed-up, as ratios in one run")
     bsub = b.add_subparsers(dest="bench", required=True)
     ee = bsub.add_parser("early-exit", help="early exit: calibrate budgets, time batch sizes, compare static nets")
-    ee.add_argument("--dataset", required=True, choices=["digits", "mnist", "fashion-mnist", "cifar10"])
+    add_dataset_option(ee, default="mnist", choices=["digits", "mnist", "fashion-mnist", "cifar10"])
     ee.add_argument("--recipe", default=None, help="default: early_exit_<dataset>")
     ee.add_argument("--quick", action="store_true", help="the recipe's quick variant")
     ee.add_argument("--json", default=None, help="write the rows here")
