@@ -9,7 +9,9 @@ width ``top_k × hidden`` — one always-on SwiGLU expert with the MoE's active 
 D MACs per token and always gives weight 1). Each row: test accuracy in execute mode, mean FLOPs from the ledger,
 parameter count, and the realized speed-up of the MoE against the dense twin, interleaved in one run.
 
-``options.augment: cifar`` trains both with random crops and flips. With ``--out`` both trainings checkpoint into
+``options.augment: cifar`` trains both with random crops and flips. ``options.upcycle`` adds the sparse-upcycling
+comparison: the trained dense twin continued for a few epochs, against the same twin upcycled into an MoE and trained
+as long (:func:`_upcycle_rows`). With ``--out`` both trainings checkpoint into
 folders keyed by their settings (``bench.cache.training_dir``): a cut run resumes, a finished one is reused.
 """
 
@@ -81,7 +83,64 @@ def run_moe_accuracy_bench(recipe: Any, *, data_dir: str | None = None, out_dir:
             f"(FLOPs ratio {theo:.3f})")
     meta = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0]), "moe_kwargs": kw,
             "dense_kwargs": dense_kw, "augment": augment_name}
+    if recipe.options.get("upcycle"):
+        rows += _upcycle_rows(recipe, models["dense"], dense_kw, data, augment, augment_name, out_dir, meta, log)
     return {"rows": rows, "meta": meta}
+
+
+def _upcycle_rows(recipe: Any, dense: Any, dense_kw: dict[str, Any], data: Any, augment: Any, augment_name: Any,
+                  out_dir: str | Path | None, meta: dict[str, Any], log: Any) -> list[Any]:
+    """``options.upcycle``: continue the trained dense twin for ``epochs`` more, once as itself and once upcycled into
+    ``num_experts`` experts routed top-``top_k`` (Komatsuzaki et al. 2023), both with the recipe's training settings
+    overridden by ``lr`` / ``warmup_epochs`` / ``epochs``; rows compare the upcycled MoE with the continued dense
+    model. With ``top_k=1`` the two have the same active FLOPs."""
+    import copy
+
+    from dynaneural.bench.cache import training_dir
+    from dynaneural.bench.rows import SpeedupRow, time_against_static
+    from dynaneural.engine import TrainConfig, evaluate, train
+    from dynaneural.sample_wise.moe.upcycle import upcycle
+
+    opts = dict(recipe.options["upcycle"])
+    num_experts, top_k = int(opts.pop("num_experts", 8)), int(opts.pop("top_k", 1))
+    unknown = set(opts) - {"epochs", "lr", "warmup_epochs"}
+    if unknown:
+        raise ValueError(f"options.upcycle: unknown keys {sorted(unknown)} (known: num_experts, top_k, epochs, lr, "
+                         "warmup_epochs)")
+    settings = {**recipe.train, "progress": False, **opts}
+    seed = int(recipe.train.get("seed", 0))
+    candidates = {"dense_continued": copy.deepcopy(dense).train(),
+                  "upcycled": upcycle(dense, num_experts=num_experts, top_k=top_k, seed=seed).train()}
+    results: dict[str, Any] = {}
+    for name, model in candidates.items():
+        t0 = time.perf_counter()
+        ckpt = training_dir(out_dir, name, recipe.model, {**dense_kw, "upcycle": [num_experts, top_k]}, recipe.data,
+                            recipe.dataset, {"first": {**recipe.train, "progress": False}, "then": settings},
+                            augment_name)
+        train(model, train_x=data.train_x, train_y=data.train_y,
+              config=TrainConfig.from_dict({**settings, "checkpoint_dir": ckpt}), augment=augment)
+        model.eval()
+        results[name] = evaluate(model, data.test_x, data.test_y, mode="execute")
+        log(f"{name}: {_params(model) / 1e3:.1f} k parameters, test accuracy {results[name].accuracy:.4f}, "
+            f"{float(results[name].mean_cost) / 1e6:.3f} MFLOPs/sample ({time.perf_counter() - t0:.0f} s)")
+    ref, up = results["dense_continued"], results["upcycled"]
+    x_time = data.test_x[: recipe.bench.timed_samples]
+    rows = []
+    for bs in recipe.bench.batch_sizes:
+        t = time_against_static(lambda xb: candidates["dense_continued"](xb, mode="execute"),
+                                lambda xb: candidates["upcycled"](xb, mode="execute"), x_time, batch_size=bs,
+                                repeats=recipe.bench.repeats)
+        theo = float(ref.mean_cost) / float(up.mean_cost)
+        rows.append(SpeedupRow(
+            method=f"upcycled_top{top_k}_of_{num_experts}", batch_size=bs, accuracy=up.accuracy,
+            static_accuracy=ref.accuracy, mean_flops=float(up.mean_cost), static_flops=float(ref.mean_cost),
+            theoretical_speedup=theo, realized_over_theoretical=t["realized_speedup"] / theo, **t,
+            extra={"moe_params": _params(candidates["upcycled"]), "dense_params": _params(candidates["dense_continued"]),
+                   "accuracy_gain_pp": (up.accuracy - ref.accuracy) * 100, "reference": "dense twin continued"}))
+        log(f"  batch {bs}: upcycled {up.accuracy:.4f} vs dense continued {ref.accuracy:.4f} "
+            f"({(up.accuracy - ref.accuracy) * 100:+.2f} pp), realized {t['realized_speedup']:.2f}×")
+    meta["upcycle"] = {"num_experts": num_experts, "top_k": top_k, "continued_training": settings}
+    return rows
 
 
 def seed_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -91,12 +150,15 @@ def seed_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for seed, res in sorted(per_seed.items()):
-        r = res["rows"][0]  # accuracies do not depend on the timed batch size
-        m = out.setdefault(r.method, {"seeds": [], "accuracy": [], "dense_accuracy": [], "gain_pp": []})
-        m["seeds"].append(seed)
-        m["accuracy"].append(r.accuracy)
-        m["dense_accuracy"].append(r.static_accuracy)
-        m["gain_pp"].append(r.extra["accuracy_gain_pp"])
+        first = {}  # per method, its first row: accuracies do not depend on the timed batch size
+        for r in res["rows"]:
+            first.setdefault(r.method, r)
+        for r in first.values():
+            m = out.setdefault(r.method, {"seeds": [], "accuracy": [], "dense_accuracy": [], "gain_pp": []})
+            m["seeds"].append(seed)
+            m["accuracy"].append(r.accuracy)
+            m["dense_accuracy"].append(r.static_accuracy)
+            m["gain_pp"].append(r.extra["accuracy_gain_pp"])
     for m in out.values():
         m.update(gain_statistics(m["gain_pp"], prefix="gain"))
     return out

@@ -95,3 +95,25 @@ def test_moe_accuracy_cli_over_seeds_writes_one_json_with_a_summary(tiny_mnist, 
     assert {"gain_pp_sem", "gain_t_test_p", "gain_sign_test_p", "gain_seeds_ahead"} <= set(summary)
     with pytest.raises(SystemExit, match="not both"):
         main([*common, "--seed", "1", "--seeds", "0"])
+
+
+def test_moe_accuracy_bench_upcycles_the_dense_twin(tiny_mnist, tmp_path):
+    tiny_mnist(train=96, val=32, test=48)
+    recipe = Recipe.from_dict({
+        "name": "tiny_moe_upcycle", "model": "moe_convnet_mnist", "dataset": "mnist",
+        "model_kwargs": {"num_experts": 4, "top_k": 2, "hidden": 8, "depth": 1, "num_classes": 3,
+                         "widths": [4, 8, 8]},
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.01, "device": "cpu"},
+        "bench": {"batch_sizes": [16], "repeats": 1, "timed_samples": 32},
+        "options": {"upcycle": {"num_experts": 4, "top_k": 1, "epochs": 1, "lr": 0.005}}})
+    res = run_moe_accuracy_bench(recipe, out_dir=tmp_path, log=lambda s: None)
+    moe_row, up_row = res["rows"]
+    assert moe_row.method == "moe_top2_of_4" and up_row.method == "upcycled_top1_of_4"
+    # top-1 of copies of the dense layer: the continued dense model's active FLOPs plus the 4-way router
+    assert up_row.theoretical_speedup == pytest.approx(1.0, rel=0.02)
+    assert up_row.extra["reference"] == "dense twin continued" and up_row.extra["moe_params"] > up_row.extra["dense_params"]
+    assert res["meta"]["upcycle"]["continued_training"]["lr"] == 0.005
+    assert len(sorted((tmp_path / "checkpoints").rglob("last.safetensors"))) == 4  # dense, moe, continued, upcycled
+    recipe.options["upcycle"] = {"epochs": 1, "momentum": 0.5}
+    with pytest.raises(ValueError, match="unknown keys"):
+        run_moe_accuracy_bench(recipe, out_dir=tmp_path, log=lambda s: None)

@@ -88,7 +88,8 @@ class ExpertParallelMoEFeedForward(MoEFeedForward):
         """This rank's shard of ``layer``: the router and options copied, experts ``[r·E/W, (r+1)·E/W)``."""
         new = cls(layer.dim, layer.hidden, layer.num_experts, group=group, top_k=layer.top_k,
                   routing=layer.routing, capacity_factor=layer.capacity_factor, group_size=layer.group_size,
-                  normalize_weights=layer.normalize_weights, router_jitter=layer.router_jitter,
+                  normalize_weights=layer.normalize_weights,
+                  straight_through_weights=layer.straight_through_weights, router_jitter=layer.router_jitter,
                   balance_coef=layer.balance_coef, z_coef=layer.z_coef, row_block=layer.row_block)
         lo, n = new.first_local_expert, new.num_local_experts
         with torch.no_grad():

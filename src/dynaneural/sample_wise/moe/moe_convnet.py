@@ -53,7 +53,8 @@ class MoEConvNetConfig:
     backbone: the conv-BN-ReLU layers (channels, strides, input size, classes).
     depth: MoE blocks, one after each of the backbone's last ``depth`` layers.
     hidden: width of each SwiGLU expert (the same in every block).
-    num_experts, top_k, routing, capacity_factor, balance_coef, z_coef, router_jitter: see ``MoEFeedForward``.
+    num_experts, top_k, routing, capacity_factor, balance_coef, z_coef, router_jitter, straight_through_weights:
+        see ``MoEFeedForward``.
     """
 
     backbone: ConvNetConfig = ConvNetConfig()
@@ -66,6 +67,7 @@ class MoEConvNetConfig:
     balance_coef: float = 1e-2
     z_coef: float = 1e-3
     router_jitter: float = 0.0
+    straight_through_weights: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.depth <= len(self.backbone.widths):
@@ -139,7 +141,8 @@ class MoEConvNet(MoEStackMixin, DynamicModel):
             _TokenBlock(bb.widths[i], MoEFeedForward(
                 bb.widths[i], cfg.hidden, cfg.num_experts, top_k=cfg.top_k, routing=cfg.routing,
                 capacity_factor=cfg.capacity_factor, group_size=sizes[i + 1] ** 2, balance_coef=cfg.balance_coef,
-                z_coef=cfg.z_coef, router_jitter=cfg.router_jitter))
+                z_coef=cfg.z_coef, router_jitter=cfg.router_jitter,
+                straight_through_weights=cfg.straight_through_weights))
             for i in range(self.first_block, len(bb.widths)))
         self.norm = nn.LayerNorm(bb.widths[-1])
         self.head = nn.Linear(bb.widths[-1], bb.num_classes)

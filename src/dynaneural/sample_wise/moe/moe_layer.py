@@ -16,7 +16,10 @@ Semantics (one routing, three ways of running it):
 * **Routing** (shared by every mode). The router is a bias-free linear map to ``E`` logits, ``p = softmax``.
   *Top-k*: each token picks its ``k`` most probable experts; its weights are the chosen probabilities,
   renormalised to sum to one when ``normalize_weights`` (Mixtral; the default for k > 1) or the raw
-  probabilities (Switch, the default for k = 1). *Expert choice*: within each routing group of ``n`` tokens,
+  probabilities (Switch, the default for k = 1). With ``straight_through_weights`` the forward pass uses the
+  renormalised weights and the backward pass the raw probabilities' gradient (Bengio et al. 2013's straight-through
+  estimator): top-1 then weights its expert by exactly 1, as an upcycled dense layer needs, while the router still
+  learns as in Switch. *Expert choice*: within each routing group of ``n`` tokens,
   every expert takes its ``C = round(capacity_factor · n / E)`` highest-scoring tokens, weighted by ``p``; a token
   may be taken by zero or several experts.
 * **Capacity and dropped tokens** (top-k). With ``capacity_factor`` set, each expert accepts at most
@@ -190,6 +193,8 @@ class MoEFeedForward(nn.Module):
             dropless). Expert choice: tokens per expert ``round(cf · n / E)`` (None = ``top_k``).
         group_size: tokens per routing group (None = the whole call is one group).
         normalize_weights: renormalise the top-k weights to sum to one (default: True for k > 1).
+        straight_through_weights: forward the renormalised top-k weights, backward the raw probabilities' gradient
+            (top-k routing only; see the module docstring).
         router_jitter: Switch multiplicative jitter on the router input in train mode (0 = off).
         balance_coef: weight of the load-balancing loss (Switch: 1e-2).
         z_coef: weight of the router z-loss (ST-MoE: 1e-3).
@@ -200,8 +205,9 @@ class MoEFeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int, num_experts: int, *, top_k: int = 2, routing: RoutingKind = "top_k",
                  capacity_factor: float | None = None, group_size: int | None = None,
-                 normalize_weights: bool | None = None, router_jitter: float = 0.0, balance_coef: float = 1e-2,
-                 z_coef: float = 1e-3, row_block: int | None = 256) -> None:
+                 normalize_weights: bool | None = None, straight_through_weights: bool = False,
+                 router_jitter: float = 0.0, balance_coef: float = 1e-2, z_coef: float = 1e-3,
+                 row_block: int | None = 256) -> None:
         super().__init__()
         if routing not in ("top_k", "expert_choice"):
             raise ValueError(f"routing must be 'top_k' or 'expert_choice', got {routing!r}")
@@ -218,6 +224,9 @@ class MoEFeedForward(nn.Module):
         self.dim, self.hidden, self.num_experts, self.top_k = dim, hidden, num_experts, top_k
         self.routing, self.capacity_factor, self.group_size = routing, capacity_factor, group_size
         self.normalize_weights = top_k > 1 if normalize_weights is None else bool(normalize_weights)
+        if straight_through_weights and routing != "top_k":
+            raise ValueError("straight_through_weights applies to top-k routing")
+        self.straight_through_weights = bool(straight_through_weights)
         self.router_jitter, self.balance_coef, self.z_coef = float(router_jitter), float(balance_coef), float(z_coef)
         self.row_block = row_block
         self.router = nn.Linear(dim, num_experts, bias=False)
@@ -275,7 +284,9 @@ class MoEFeedForward(nn.Module):
         n, e = probs.shape
         k = e if self._all_on else self.top_k
         w, idx = probs.topk(k, dim=-1)  # (N, k) each, best first
-        if self.normalize_weights or self._all_on:
+        if self.straight_through_weights and not self._all_on:
+            w = (w / w.sum(-1, keepdim=True)).detach() + w - w.detach()
+        elif self.normalize_weights or self._all_on:
             w = w / w.sum(-1, keepdim=True)
         flat_e = idx.reshape(-1)  # (N·k,) token-major: assignment a = n·k + j
         routed = torch.bincount(flat_e, minlength=e)

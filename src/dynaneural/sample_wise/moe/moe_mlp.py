@@ -42,7 +42,8 @@ class MoEMLPConfig:
     """Args:
     input_shape: per-sample input shape (flattened by the stem). num_classes: classes.
     dim: width of the residual stream. depth: MoE blocks. hidden: width of each SwiGLU expert.
-    num_experts, top_k, routing, capacity_factor, balance_coef, z_coef, router_jitter: see ``MoEFeedForward``.
+    num_experts, top_k, routing, capacity_factor, balance_coef, z_coef, router_jitter, straight_through_weights:
+        see ``MoEFeedForward``.
     """
 
     input_shape: tuple[int, ...] = (1, 28, 28)
@@ -57,6 +58,7 @@ class MoEMLPConfig:
     balance_coef: float = 1e-2
     z_coef: float = 1e-3
     router_jitter: float = 0.0
+    straight_through_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.depth < 1:
@@ -90,7 +92,8 @@ class MoEMLP(MoEStackMixin, DynamicModel):
         self.moes = nn.ModuleList(
             MoEFeedForward(cfg.dim, cfg.hidden, cfg.num_experts, top_k=cfg.top_k, routing=cfg.routing,
                            capacity_factor=cfg.capacity_factor, balance_coef=cfg.balance_coef, z_coef=cfg.z_coef,
-                           router_jitter=cfg.router_jitter)
+                           router_jitter=cfg.router_jitter,
+                           straight_through_weights=cfg.straight_through_weights)
             for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)

@@ -50,6 +50,7 @@ class MoETransformerConfig:
     hidden: width of each SwiGLU expert. num_experts: experts per MoE layer. top_k: experts per token.
     routing: ``"top_k"`` or ``"expert_choice"``. capacity_factor: see ``MoEFeedForward`` (None = dropless).
     balance_coef, z_coef, router_jitter: auxiliary-loss weights and Switch jitter.
+    straight_through_weights: see ``MoEFeedForward`` (set by :func:`~dynaneural.sample_wise.moe.upcycle.upcycle`).
     """
 
     input_shape: tuple[int, ...] = (1, 28, 28)
@@ -67,6 +68,7 @@ class MoETransformerConfig:
     balance_coef: float = 1e-2
     z_coef: float = 1e-3
     router_jitter: float = 0.0
+    straight_through_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.vocab_size is None:
@@ -184,7 +186,8 @@ class MoETransformer(MoEStackMixin, DynamicModel):
             MoEBlock(cfg.dim, cfg.heads, MoEFeedForward(
                 cfg.dim, cfg.hidden, cfg.num_experts, top_k=cfg.top_k, routing=cfg.routing,
                 capacity_factor=cfg.capacity_factor, group_size=self.num_tokens, balance_coef=cfg.balance_coef,
-                z_coef=cfg.z_coef, router_jitter=cfg.router_jitter))
+                z_coef=cfg.z_coef, router_jitter=cfg.router_jitter,
+                straight_through_weights=cfg.straight_through_weights))
             for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
