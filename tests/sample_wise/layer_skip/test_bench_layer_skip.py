@@ -116,7 +116,7 @@ def test_cli_parser_has_layer_skip():
     from dynaneural.cli.main import build_parser
 
     args = build_parser().parse_args(["bench", "layer-skip", "--method", "aig", "--quick", "--json", "x.json"])
-    assert args.method == "aig" and args.quick and args.dataset == "cifar10"
+    assert args.method == "aig" and args.quick and args.dataset is None and args.default_dataset == "cifar10"
 
 
 def test_from_scratch_trains_the_gated_network_without_the_backbone_weights(tmp_path, monkeypatch):
