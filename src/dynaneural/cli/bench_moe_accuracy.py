@@ -31,13 +31,52 @@ def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _train_and_evaluate(name: str, model: Any, settings: dict[str, Any], ckpt: Any, data: Any, augment: Any,
+                        log: Any) -> Any:
+    """Train ``model`` with ``settings`` (resumable in ``ckpt``), log and return its execute-mode test result."""
+    from dynaneural.engine import TrainConfig, evaluate, train
+
+    t0 = time.perf_counter()
+    train(model, train_x=data.train_x, train_y=data.train_y,
+          config=TrainConfig.from_dict({**settings, "checkpoint_dir": ckpt}), augment=augment)
+    model.eval()
+    res = evaluate(model, data.test_x, data.test_y, mode="execute")
+    log(f"{name}: {_params(model) / 1e3:.1f} k parameters, test accuracy {res.accuracy:.4f}, "
+        f"{float(res.mean_cost) / 1e6:.3f} MFLOPs/sample ({time.perf_counter() - t0:.0f} s)")
+    return res
+
+
+def _comparison_rows(method: str, models: tuple[Any, Any], results: tuple[Any, Any], recipe: Any, data: Any,
+                     log: Any, *, names: tuple[str, str], extra: dict[str, Any] | None = None) -> list[Any]:
+    """One row per timed batch size: the sparse model (second) against its dense reference (first) — accuracies,
+    FLOPs, parameters and the realized speed-up, the two interleaved in one run."""
+    from dynaneural.bench.rows import SpeedupRow, time_against_static
+
+    (dense_model, sparse_model), (dense, sparse) = models, results
+    x_time = data.test_x[: recipe.bench.timed_samples]
+    rows = []
+    for bs in recipe.bench.batch_sizes:
+        t = time_against_static(lambda xb: dense_model(xb, mode="execute"),
+                                lambda xb: sparse_model(xb, mode="execute"), x_time, batch_size=bs,
+                                repeats=recipe.bench.repeats)
+        theo = float(dense.mean_cost) / float(sparse.mean_cost)
+        gain = (sparse.accuracy - dense.accuracy) * 100
+        rows.append(SpeedupRow(
+            method=method, batch_size=bs, accuracy=sparse.accuracy, static_accuracy=dense.accuracy,
+            mean_flops=float(sparse.mean_cost), static_flops=float(dense.mean_cost), theoretical_speedup=theo,
+            realized_over_theoretical=t["realized_speedup"] / theo, **t,
+            extra={"moe_params": _params(sparse_model), "dense_params": _params(dense_model), "accuracy_gain_pp": gain,
+                   **(extra or {})}))
+        log(f"  batch {bs}: {names[1]} {sparse.accuracy:.4f} vs {names[0]} {dense.accuracy:.4f} ({gain:+.2f} pp), "
+            f"realized {t['realized_speedup']:.2f}× (FLOPs ratio {theo:.3f})")
+    return rows
+
+
 def run_moe_accuracy_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | Path | None = None,
                            log: Any = print) -> dict[str, Any]:
     """Train the MoE model and its dense twin of equal active FLOPs; returns ``{rows, meta}``."""
     from dynaneural.bench.cache import training_dir
-    from dynaneural.bench.rows import SpeedupRow, time_against_static
     from dynaneural.data import augmentation, load_dataset
-    from dynaneural.engine import TrainConfig, evaluate, train
     from dynaneural.registry import create_model
 
     augment_name = recipe.options.get("augment")
@@ -49,38 +88,16 @@ def run_moe_accuracy_bench(recipe: Any, *, data_dir: str | None = None, out_dir:
         raise ValueError("moe-accuracy compares top-k routing against its dense twin; got routing "
                          f"{kw.get('routing')!r}")
     dense_kw = {**kw, "num_experts": 1, "top_k": 1, "hidden": top_k * hidden, "capacity_factor": None}
+    settings = {**recipe.train, "progress": False}
     models: dict[str, Any] = {}
     results: dict[str, Any] = {}
     for name, mkw in (("dense", dense_kw), ("moe", kw)):
         torch.manual_seed(int(recipe.train.get("seed", 0)))
-        model = create_model(recipe.model, **mkw)
-        t0 = time.perf_counter()
-        settings = {**recipe.train, "progress": False}
+        models[name] = create_model(recipe.model, **mkw)
         ckpt = training_dir(out_dir, name, recipe.model, mkw, recipe.data, recipe.dataset, settings, augment_name)
-        cfg = TrainConfig.from_dict({**settings, "checkpoint_dir": ckpt})
-        train(model, train_x=data.train_x, train_y=data.train_y, config=cfg, augment=augment)
-        model.eval()
-        res = evaluate(model, data.test_x, data.test_y, mode="execute")
-        models[name], results[name] = model, res
-        log(f"{name}: {_params(model) / 1e3:.1f} k parameters, test accuracy {res.accuracy:.4f}, "
-            f"{float(res.mean_cost) / 1e6:.3f} MFLOPs/sample ({time.perf_counter() - t0:.0f} s)")
-    dense, moe = results["dense"], results["moe"]
-    x_time = data.test_x[: recipe.bench.timed_samples]
-    rows = []
-    for bs in recipe.bench.batch_sizes:
-        t = time_against_static(lambda xb: models["dense"](xb, mode="execute"),
-                                lambda xb: models["moe"](xb, mode="execute"), x_time, batch_size=bs,
-                                repeats=recipe.bench.repeats)
-        theo = float(dense.mean_cost) / float(moe.mean_cost)
-        rows.append(SpeedupRow(
-            method=f"moe_top{top_k}_of_{kw.get('num_experts', 8)}", batch_size=bs, accuracy=moe.accuracy,
-            static_accuracy=dense.accuracy, mean_flops=float(moe.mean_cost), static_flops=float(dense.mean_cost),
-            theoretical_speedup=theo, realized_over_theoretical=t["realized_speedup"] / theo, **t,
-            extra={"moe_params": _params(models["moe"]), "dense_params": _params(models["dense"]),
-                   "accuracy_gain_pp": (moe.accuracy - dense.accuracy) * 100}))
-        log(f"  batch {bs}: MoE {moe.accuracy:.4f} vs dense {dense.accuracy:.4f} "
-            f"({(moe.accuracy - dense.accuracy) * 100:+.2f} pp), realized {t['realized_speedup']:.2f}× "
-            f"(FLOPs ratio {theo:.3f})")
+        results[name] = _train_and_evaluate(name, models[name], settings, ckpt, data, augment, log)
+    rows = _comparison_rows(f"moe_top{top_k}_of_{kw.get('num_experts', 8)}", (models["dense"], models["moe"]),
+                            (results["dense"], results["moe"]), recipe, data, log, names=("dense", "MoE"))
     meta = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0]), "moe_kwargs": kw,
             "dense_kwargs": dense_kw, "augment": augment_name}
     if recipe.options.get("upcycle"):
@@ -97,8 +114,6 @@ def _upcycle_rows(recipe: Any, dense: Any, dense_kw: dict[str, Any], data: Any, 
     import copy
 
     from dynaneural.bench.cache import training_dir
-    from dynaneural.bench.rows import SpeedupRow, time_against_static
-    from dynaneural.engine import TrainConfig, evaluate, train
     from dynaneural.sample_wise.moe.upcycle import upcycle
 
     opts = dict(recipe.options["upcycle"])
@@ -107,40 +122,20 @@ def _upcycle_rows(recipe: Any, dense: Any, dense_kw: dict[str, Any], data: Any, 
     if unknown:
         raise ValueError(f"options.upcycle: unknown keys {sorted(unknown)} (known: num_experts, top_k, epochs, lr, "
                          "warmup_epochs)")
-    settings = {**recipe.train, "progress": False, **opts}
+    first = {**recipe.train, "progress": False}
+    settings = {**first, **opts}
     seed = int(recipe.train.get("seed", 0))
-    candidates = {"dense_continued": copy.deepcopy(dense).train(),
-                  "upcycled": upcycle(dense, num_experts=num_experts, top_k=top_k, seed=seed).train()}
-    results: dict[str, Any] = {}
-    for name, model in candidates.items():
-        t0 = time.perf_counter()
+    models = {"dense_continued": copy.deepcopy(dense).train(),
+              "upcycled": upcycle(dense, num_experts=num_experts, top_k=top_k, seed=seed).train()}
+    results = {}
+    for name, model in models.items():
         ckpt = training_dir(out_dir, name, recipe.model, {**dense_kw, "upcycle": [num_experts, top_k]}, recipe.data,
-                            recipe.dataset, {"first": {**recipe.train, "progress": False}, "then": settings},
-                            augment_name)
-        train(model, train_x=data.train_x, train_y=data.train_y,
-              config=TrainConfig.from_dict({**settings, "checkpoint_dir": ckpt}), augment=augment)
-        model.eval()
-        results[name] = evaluate(model, data.test_x, data.test_y, mode="execute")
-        log(f"{name}: {_params(model) / 1e3:.1f} k parameters, test accuracy {results[name].accuracy:.4f}, "
-            f"{float(results[name].mean_cost) / 1e6:.3f} MFLOPs/sample ({time.perf_counter() - t0:.0f} s)")
-    ref, up = results["dense_continued"], results["upcycled"]
-    x_time = data.test_x[: recipe.bench.timed_samples]
-    rows = []
-    for bs in recipe.bench.batch_sizes:
-        t = time_against_static(lambda xb: candidates["dense_continued"](xb, mode="execute"),
-                                lambda xb: candidates["upcycled"](xb, mode="execute"), x_time, batch_size=bs,
-                                repeats=recipe.bench.repeats)
-        theo = float(ref.mean_cost) / float(up.mean_cost)
-        rows.append(SpeedupRow(
-            method=f"upcycled_top{top_k}_of_{num_experts}", batch_size=bs, accuracy=up.accuracy,
-            static_accuracy=ref.accuracy, mean_flops=float(up.mean_cost), static_flops=float(ref.mean_cost),
-            theoretical_speedup=theo, realized_over_theoretical=t["realized_speedup"] / theo, **t,
-            extra={"moe_params": _params(candidates["upcycled"]), "dense_params": _params(candidates["dense_continued"]),
-                   "accuracy_gain_pp": (up.accuracy - ref.accuracy) * 100, "reference": "dense twin continued"}))
-        log(f"  batch {bs}: upcycled {up.accuracy:.4f} vs dense continued {ref.accuracy:.4f} "
-            f"({(up.accuracy - ref.accuracy) * 100:+.2f} pp), realized {t['realized_speedup']:.2f}×")
+                            recipe.dataset, {"first": first, "then": settings}, augment_name)
+        results[name] = _train_and_evaluate(name, model, settings, ckpt, data, augment, log)
     meta["upcycle"] = {"num_experts": num_experts, "top_k": top_k, "continued_training": settings}
-    return rows
+    return _comparison_rows(f"upcycled_top{top_k}_of_{num_experts}", (models["dense_continued"], models["upcycled"]),
+                            (results["dense_continued"], results["upcycled"]), recipe, data, log,
+                            names=("dense continued", "upcycled"), extra={"reference": "dense twin continued"})
 
 
 def seed_summary(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from dynaneural.compute.flops import static_flops
 from dynaneural.contract import DynamicModel, resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.layers import ConvBNAct
@@ -150,14 +149,6 @@ class MoEConvNet(MoEStackMixin, DynamicModel):
 
     def moe_layers(self) -> list[MoEFeedForward]:
         return [b.ffn for b in self.blocks]  # type: ignore[misc]
-
-    def _count_dense_flops(self) -> float:
-        """Per-sample FLOPs of everything but the MoE layers: the static twin minus its dense mixtures."""
-        twin = self.to_static()
-        x = self.example_input(1, generator=torch.Generator().manual_seed(0))
-        mix = sum(m.group_size * (m.router_flops() + m.num_experts * m.expert_flops())  # type: ignore[operator]
-                  for m in self.moe_layers())
-        return static_flops(twin, x) - mix
 
     def forward(self, x: torch.Tensor, *, mode: Mode | str | None = None) -> MoEModelOutput:
         mode = resolve_mode(self, mode)

@@ -539,6 +539,17 @@ class MoEStackMixin:
             for m in self.moe_layers():
                 m.set_all_on(False)
 
+    def _count_dense_flops(self) -> float:
+        """Per-sample FLOPs of everything but the MoE layers: the static twin's (counted from its layers) minus its
+        dense mixtures, each over its layer's routing group (a sample's tokens)."""
+        from dynaneural.compute.flops import static_flops
+
+        twin = self.to_static()  # type: ignore[attr-defined]
+        x = self.example_input(1, generator=torch.Generator().manual_seed(0))  # type: ignore[attr-defined]
+        mix = sum((m.group_size or 1) * (m.router_flops() + m.num_experts * m.expert_flops())
+                  for m in self.moe_layers())
+        return static_flops(twin, x) - mix
+
     def _moe_output(self, results: list[MoEResult], logits: torch.Tensor, *, batch_size: int, mode: Mode
                     ) -> MoEModelOutput:
         decisions, aux, moe_flops, router_logits, counts = collect_moe_results(results, batch_size)

@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from dynaneural.compute.flops import static_flops
 from dynaneural.contract import DynamicModel, resolve_mode
 from dynaneural.execution import Mode
 from dynaneural.registry import register_model
@@ -195,13 +194,6 @@ class MoETransformer(MoEStackMixin, DynamicModel):
 
     def moe_layers(self) -> list[MoEFeedForward]:
         return [b.moe for b in self.blocks]
-
-    def _count_dense_flops(self) -> float:
-        """Per-sample FLOPs of everything but the MoE layers: the static twin minus its dense mixtures."""
-        twin = self.to_static()
-        x = self.example_input(1, generator=torch.Generator().manual_seed(0))
-        mix = sum(self.num_tokens * (m.router_flops() + m.num_experts * m.expert_flops()) for m in self.moe_layers())
-        return static_flops(twin, x) - mix
 
     def _check(self, x: object) -> torch.Tensor:
         if self.vocab_size is not None:
