@@ -5,8 +5,9 @@ same compute per token, do more parameters behind a router buy accuracy? Both si
 (:class:`~dynaneural.sample_wise.moe.moe_transformer.MoETransformer`, or
 :class:`~dynaneural.sample_wise.moe.moe_mlp.MoEMLP` with one token per sample) built from its ``model_kwargs`` and
 trained with the same recipe, seed and data order. The dense twin has ``num_experts=1``, ``top_k=1`` and an FFN of
-width ``top_k × hidden`` — one always-on SwiGLU expert with the MoE's active width (its router over one expert costs
-D MACs per token and always gives weight 1). Each row: test accuracy in execute mode, mean FLOPs from the ledger,
+width ``top_k × hidden + shared_hidden`` — one always-on SwiGLU expert with the MoE's active width (its router over
+one expert costs D MACs per token and always gives weight 1); an MoE with a shared expert (``shared_hidden``,
+DeepSeekMoE) is thus compared with the same dense twin as one whose routed experts alone are that wide. Each row: test accuracy in execute mode, mean FLOPs from the ledger,
 parameter count, and the realized speed-up of the MoE against the dense twin, interleaved in one run.
 
 ``options.augment: cifar`` trains both with random crops and flips. ``options.upcycle`` adds the sparse-upcycling
@@ -87,7 +88,9 @@ def run_moe_accuracy_bench(recipe: Any, *, data_dir: str | None = None, out_dir:
     if kw.get("routing", "top_k") != "top_k":
         raise ValueError("moe-accuracy compares top-k routing against its dense twin; got routing "
                          f"{kw.get('routing')!r}")
-    dense_kw = {**kw, "num_experts": 1, "top_k": 1, "hidden": top_k * hidden, "capacity_factor": None}
+    shared = int(kw.get("shared_hidden") or 0)
+    dense_kw = {**{k: v for k, v in kw.items() if k != "shared_hidden"}, "num_experts": 1, "top_k": 1,
+                "hidden": top_k * hidden + shared, "capacity_factor": None}
     settings = {**recipe.train, "progress": False}
     models: dict[str, Any] = {}
     results: dict[str, Any] = {}

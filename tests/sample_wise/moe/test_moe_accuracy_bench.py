@@ -30,6 +30,23 @@ def test_moe_accuracy_bench_trains_both_and_compares_equal_active_flops(tiny_mni
     assert any(line.startswith("moe:") for line in lines) and any(line.startswith("dense:") for line in lines)
 
 
+def test_moe_accuracy_bench_with_a_shared_expert_uses_the_same_dense_twin(tiny_mnist):
+    """Shared width 8 + top-1 of 4 routed experts of width 8: the dense twin is one SwiGLU of width 16, exactly the
+    twin of a top-2 MoE of width 8 (so a cached twin is shared between the two recipes)."""
+    tiny_mnist(train=96, val=32, test=48)
+    kwargs = {"num_experts": 4, "hidden": 8, "depth": 1, "num_classes": 3, "widths": [4, 8, 8]}
+    recipe = Recipe.from_dict({
+        "name": "tiny_moe_shared", "model": "moe_convnet_mnist", "dataset": "mnist",
+        "model_kwargs": {**kwargs, "top_k": 1, "shared_hidden": 8},
+        "train": {"epochs": 1, "batch_size": 32, "lr": 0.01, "device": "cpu"},
+        "bench": {"batch_sizes": [16], "repeats": 1, "timed_samples": 32}})
+    res = run_moe_accuracy_bench(recipe, log=lambda _: None)
+    (row,) = res["rows"]
+    assert res["meta"]["dense_kwargs"] == {**kwargs, "num_experts": 1, "top_k": 1, "hidden": 16,
+                                           "capacity_factor": None}
+    assert row.theoretical_speedup == pytest.approx(1.0, rel=0.02) and row.theoretical_speedup < 1.0
+
+
 def test_moe_accuracy_recipe_parses_and_rejects_expert_choice(tiny_mnist):
     assert load_recipe("moe_accuracy_mnist").model_kwargs["top_k"] == 2
     assert load_recipe("moe_accuracy_mnist_mlp").model == "moe_mlp_mnist"

@@ -24,7 +24,8 @@ def test_expert_parallel_two_processes_equal_one_process():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["test_moe_mlp", "test_moe_transformer_ec", "test_moe_transformer_tokens"])
+@pytest.mark.parametrize("name", ["test_moe_mlp", "test_moe_transformer_ec", "test_moe_transformer_tokens",
+                                  "test_moe_transformer_shared"])
 def test_expert_parallel_other_models(name):
     assert check_expert_parallel_equivalence(name, world_size=2, batch_size=8).ok(tol=1e-5)
 

@@ -85,15 +85,19 @@ class ExpertParallelMoEFeedForward(MoEFeedForward):
 
     @classmethod
     def from_layer(cls, layer: MoEFeedForward, *, group: Any = None) -> ExpertParallelMoEFeedForward:
-        """This rank's shard of ``layer``: the router and options copied, experts ``[r·E/W, (r+1)·E/W)``."""
+        """This rank's shard of ``layer``: the router, the shared expert and the options copied, experts
+        ``[r·E/W, (r+1)·E/W)``."""
         new = cls(layer.dim, layer.hidden, layer.num_experts, group=group, top_k=layer.top_k,
                   routing=layer.routing, capacity_factor=layer.capacity_factor, group_size=layer.group_size,
                   normalize_weights=layer.normalize_weights,
-                  straight_through_weights=layer.straight_through_weights, router_jitter=layer.router_jitter,
+                  straight_through_weights=layer.straight_through_weights, shared_hidden=layer.shared_hidden,
+                  router_jitter=layer.router_jitter,
                   balance_coef=layer.balance_coef, z_coef=layer.z_coef, row_block=layer.row_block)
         lo, n = new.first_local_expert, new.num_local_experts
         with torch.no_grad():
             new.router.weight.copy_(layer.router.weight)
+            if layer.shared is not None:
+                new.shared.load_state_dict(layer.shared.state_dict())  # type: ignore[union-attr]
             new.w_gate_up.copy_(layer.w_gate_up[lo:lo + n])
             new.w_down.copy_(layer.w_down[lo:lo + n])
         return new.to(layer.router.weight.device)

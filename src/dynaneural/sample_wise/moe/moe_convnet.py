@@ -52,8 +52,8 @@ class MoEConvNetConfig:
     backbone: the conv-BN-ReLU layers (channels, strides, input size, classes).
     depth: MoE blocks, one after each of the backbone's last ``depth`` layers.
     hidden: width of each SwiGLU expert (the same in every block).
-    num_experts, top_k, routing, capacity_factor, balance_coef, z_coef, router_jitter, straight_through_weights:
-        see ``MoEFeedForward``.
+    num_experts, top_k, routing, capacity_factor, balance_coef, z_coef, router_jitter, straight_through_weights,
+        shared_hidden: see ``MoEFeedForward``.
     """
 
     backbone: ConvNetConfig = ConvNetConfig()
@@ -67,6 +67,7 @@ class MoEConvNetConfig:
     z_coef: float = 1e-3
     router_jitter: float = 0.0
     straight_through_weights: bool = False
+    shared_hidden: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.depth <= len(self.backbone.widths):
@@ -141,7 +142,7 @@ class MoEConvNet(MoEStackMixin, DynamicModel):
                 bb.widths[i], cfg.hidden, cfg.num_experts, top_k=cfg.top_k, routing=cfg.routing,
                 capacity_factor=cfg.capacity_factor, group_size=sizes[i + 1] ** 2, balance_coef=cfg.balance_coef,
                 z_coef=cfg.z_coef, router_jitter=cfg.router_jitter,
-                straight_through_weights=cfg.straight_through_weights))
+                straight_through_weights=cfg.straight_through_weights, shared_hidden=cfg.shared_hidden))
             for i in range(self.first_block, len(bb.widths)))
         self.norm = nn.LayerNorm(bb.widths[-1])
         self.head = nn.Linear(bb.widths[-1], bb.num_classes)
@@ -183,22 +184,24 @@ def _make(dataset: str, widths: tuple[int, ...] | list[int] | None, num_classes:
 
 @register_model
 def moe_convnet_cifar10(*, num_experts: int = 8, top_k: int = 2, routing: RoutingKind = "top_k",
-                        capacity_factor: float | None = None, hidden: int = 128, depth: int = 2,
+                        capacity_factor: float | None = None, shared_hidden: int | None = None,
+                        hidden: int = 128, depth: int = 2,
                         widths: tuple[int, ...] | list[int] | None = None, num_classes: int = 10) -> MoEConvNet:
     """CIFAR-10 32×32×3: conv layers 32-64-128-128 (strides 1-2-2-1), an MoE block of 8 SwiGLU experts (width 128,
     top-2) on the 64 pixel tokens after each of the last two."""
     return _make("cifar10", widths, num_classes, num_experts=num_experts, top_k=top_k, routing=routing,
-                 capacity_factor=capacity_factor, hidden=hidden, depth=depth)
+                 capacity_factor=capacity_factor, shared_hidden=shared_hidden, hidden=hidden, depth=depth)
 
 
 @register_model
 def moe_convnet_mnist(*, num_experts: int = 8, top_k: int = 2, routing: RoutingKind = "top_k",
-                      capacity_factor: float | None = None, hidden: int = 128, depth: int = 2,
+                      capacity_factor: float | None = None, shared_hidden: int | None = None,
+                      hidden: int = 128, depth: int = 2,
                       widths: tuple[int, ...] | list[int] | None = None, num_classes: int = 10) -> MoEConvNet:
     """MNIST 28×28: conv layers 32-64-128 (strides 1-2-2), an MoE block of 8 SwiGLU experts (width 128, top-2) after
     each of the last two (196 tokens of width 64, then 49 of width 128)."""
     return _make("mnist", widths, num_classes, num_experts=num_experts, top_k=top_k, routing=routing,
-                 capacity_factor=capacity_factor, hidden=hidden, depth=depth)
+                 capacity_factor=capacity_factor, shared_hidden=shared_hidden, hidden=hidden, depth=depth)
 
 
 @register_model
@@ -215,3 +218,10 @@ def test_moe_convnet_capacity() -> MoEConvNet:
     cfg = ConvNetConfig(in_chans=1, input_size=8, num_classes=10, widths=(4, 8), strides=(2, 1))
     return MoEConvNet(MoEConvNetConfig(backbone=cfg, depth=1, hidden=8, num_experts=4, top_k=1,
                                        capacity_factor=1.0))
+
+
+@register_model
+def test_moe_convnet_shared() -> MoEConvNet:
+    """Tiny: as ``test_moe_convnet`` with a shared expert (width 8) beside top-1 of 4 routed experts (DeepSeekMoE)."""
+    cfg = ConvNetConfig(in_chans=1, input_size=8, num_classes=10, widths=(4, 8, 8), strides=(1, 2, 1))
+    return MoEConvNet(MoEConvNetConfig(backbone=cfg, depth=2, hidden=8, num_experts=4, top_k=1, shared_hidden=8))

@@ -8,6 +8,8 @@ Papers:
     A. Q. Jiang et al., "Mixtral of Experts", arXiv:2401.04088 (top-2 over SwiGLU experts, weights = softmax over
     the two chosen logits).
     Y. Zhou et al., "Mixture-of-Experts with Expert Choice Routing", NeurIPS 2022, arXiv:2202.09368.
+    D. Dai et al., "DeepSeekMoE: Towards Ultimate Expert Specialization in Mixture-of-Experts Language Models",
+    ACL 2024, arXiv:2401.06066 (shared experts that every token runs, beside the routed ones).
     B. Zoph et al., "ST-MoE: Designing Stable and Transferable Sparse Expert Models", arXiv:2202.08906 (router
     z-loss).
 
@@ -31,6 +33,11 @@ Semantics (one routing, three ways of running it):
 * **Routing groups.** ``group_size=None`` routes the whole call as one group; ``group_size=n`` splits the
   tokens into consecutive groups of ``n`` (the models use the sequence length, so capacity and expert choice
   are computed per sample and a sample's result does not depend on the rest of the batch).
+* **Shared expert** (DeepSeekMoE's shared-expert isolation). With ``shared_hidden`` set, a dense SwiGLU of that
+  width runs on every token and its output is added to the routed experts' weighted sum, unweighted, in every mode
+  (it is not routed, never dropped, and is on in the static twin too). It sees every token, so it learns what all
+  tokens share as fast as a dense layer does, and the routed experts are left the rest. Its FLOPs are charged to
+  every token.
 * **Simulate** computes every expert on every token and combines the outputs with a dense (tokens × experts)
   weight matrix: the reference. **Execute** and **train** sort the kept (token, expert) assignments by expert
   (one ``argsort`` + ``bincount``), gather the tokens once, run each expert on its contiguous slice, weight the
@@ -47,7 +54,8 @@ z-loss.
 
 Cost (multiply-accumulates, the library's FLOPs convention): the router costs ``d · E`` per token and each
 expert a token is processed by ``3 · d · f`` (gate, up and down projections; the SwiGLU product and the gate
-weighting are element-wise and counted 0). ``MoEResult.token_flops`` holds it per token.
+weighting are element-wise and counted 0), plus ``3 · d · shared_hidden`` for the shared expert.
+``MoEResult.token_flops`` holds it per token.
 """
 
 from __future__ import annotations
@@ -195,6 +203,7 @@ class MoEFeedForward(nn.Module):
         normalize_weights: renormalise the top-k weights to sum to one (default: True for k > 1).
         straight_through_weights: forward the renormalised top-k weights, backward the raw probabilities' gradient
             (top-k routing only; see the module docstring).
+        shared_hidden: width of a shared SwiGLU expert that every token runs (DeepSeekMoE; None = none).
         router_jitter: Switch multiplicative jitter on the router input in train mode (0 = off).
         balance_coef: weight of the load-balancing loss (Switch: 1e-2).
         z_coef: weight of the router z-loss (ST-MoE: 1e-3).
@@ -206,8 +215,8 @@ class MoEFeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int, num_experts: int, *, top_k: int = 2, routing: RoutingKind = "top_k",
                  capacity_factor: float | None = None, group_size: int | None = None,
                  normalize_weights: bool | None = None, straight_through_weights: bool = False,
-                 router_jitter: float = 0.0, balance_coef: float = 1e-2, z_coef: float = 1e-3,
-                 row_block: int | None = 256) -> None:
+                 shared_hidden: int | None = None, router_jitter: float = 0.0, balance_coef: float = 1e-2,
+                 z_coef: float = 1e-3, row_block: int | None = 256) -> None:
         super().__init__()
         if routing not in ("top_k", "expert_choice"):
             raise ValueError(f"routing must be 'top_k' or 'expert_choice', got {routing!r}")
@@ -221,6 +230,9 @@ class MoEFeedForward(nn.Module):
             raise ValueError(f"group_size must be positive, got {group_size}")
         if row_block is not None and row_block < 1:
             raise ValueError(f"row_block must be positive, got {row_block}")
+        if shared_hidden is not None and (isinstance(shared_hidden, bool) or shared_hidden < 1):
+            raise ValueError(f"shared_hidden must be a positive width (or None for no shared expert), got "
+                             f"{shared_hidden!r}")
         self.dim, self.hidden, self.num_experts, self.top_k = dim, hidden, num_experts, top_k
         self.routing, self.capacity_factor, self.group_size = routing, capacity_factor, group_size
         self.normalize_weights = top_k > 1 if normalize_weights is None else bool(normalize_weights)
@@ -230,6 +242,9 @@ class MoEFeedForward(nn.Module):
         self.router_jitter, self.balance_coef, self.z_coef = float(router_jitter), float(balance_coef), float(z_coef)
         self.row_block = row_block
         self.router = nn.Linear(dim, num_experts, bias=False)
+        self.shared_hidden = None if shared_hidden is None else int(shared_hidden)
+        # Dense, so replicated like the router (never sharded under expert parallelism).
+        self.shared: SwiGLU | None = SwiGLU(dim, self.shared_hidden) if self.shared_hidden else None
         # Stacked expert weights in nn.Linear's (out, in) layout: one parameter each, sliced per expert.
         self.w_gate_up = nn.Parameter(torch.empty(self.num_local_experts, 2 * hidden, dim))
         self.w_down = nn.Parameter(torch.empty(self.num_local_experts, dim, hidden))
@@ -248,6 +263,9 @@ class MoEFeedForward(nn.Module):
         for w in (self.w_gate_up, self.w_down):
             bound = 1.0 / math.sqrt(w.shape[-1])
             nn.init.uniform_(w, -bound, bound)
+        if self.shared is not None:
+            self.shared.gate_up.reset_parameters()
+            self.shared.down.reset_parameters()
 
     def expert_flops(self) -> int:
         """FLOPs of one expert on one token: gate, up and down projections."""
@@ -256,9 +274,14 @@ class MoEFeedForward(nn.Module):
     def router_flops(self) -> int:
         return self.dim * self.num_experts
 
+    def shared_flops(self) -> int:
+        """FLOPs of the shared expert on one token (0 without one)."""
+        return 3 * self.dim * self.shared_hidden if self.shared_hidden else 0
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden={self.hidden}, experts={self.num_experts}, top_k={self.top_k}, "
-                f"routing={self.routing}, capacity_factor={self.capacity_factor}, group_size={self.group_size}")
+                f"routing={self.routing}, capacity_factor={self.capacity_factor}, group_size={self.group_size}, "
+                f"shared_hidden={self.shared_hidden}")
 
     def set_all_on(self, on: bool) -> None:
         """Every expert for every token (top-k = E, dropless; expert choice with C = n): the dense mixture."""
@@ -361,7 +384,8 @@ class MoEFeedForward(nn.Module):
             y = self._simulate(x2, r)
         else:
             y = self._dispatch(x2, r)
-        token_flops = (self.router_flops() + r.experts_per_token.to(torch.float64) * self.expert_flops())
+        token_flops = (self.router_flops() + self.shared_flops()
+                       + r.experts_per_token.to(torch.float64) * self.expert_flops())
         aux: dict[str, torch.Tensor] = {}
         if return_aux or (return_aux is None and mode is not Mode.EXECUTE):
             aux = self.aux_losses(r)
@@ -391,15 +415,16 @@ class MoEFeedForward(nn.Module):
         y_all = torch.matmul(F.silu(gate) * up, self.w_down.transpose(1, 2))  # (E, N, d)
         combine = torch.zeros(n * e, dtype=r.weight.dtype, device=x.device)
         combine = combine.index_put((r.token * e + r.expert,), r.weight).view(n, e)  # 0 where not assigned
-        return torch.einsum("ne,end->nd", combine.to(y_all.dtype), y_all)
+        y = torch.einsum("ne,end->nd", combine.to(y_all.dtype), y_all)
+        return y if self.shared is None else y + self.shared(x)
 
     def _dispatch(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         """Sorted dispatch: gather the assigned tokens once, experts on contiguous slices, weight, scatter-add."""
         xs = x.index_select(0, r.token)  # (A, d), grouped by expert
         ys = self._run_experts(xs, r.counts)  # (A, d), same order
         w = r.weight.to(ys.dtype).unsqueeze(1)
-        out = torch.zeros_like(x)
-        if torch.is_grad_enabled() and (ys.requires_grad or w.requires_grad):
+        out = torch.zeros_like(x) if self.shared is None else self.shared(x)  # the routed sum is added onto it
+        if torch.is_grad_enabled() and (ys.requires_grad or w.requires_grad or out.requires_grad):
             return out.index_add(0, r.token, ys * w)
         return out.index_add_(0, r.token, ys.mul_(w))
 
@@ -465,12 +490,15 @@ class DenseMixtureFFN(nn.Module):
         h = torch.matmul(x2.unsqueeze(0), m.w_gate_up.transpose(1, 2))  # (E, N, 2f)
         gate, up = h.chunk(2, dim=-1)
         y_all = torch.matmul(F.silu(gate) * up, m.w_down.transpose(1, 2))  # (E, N, d)
-        return torch.einsum("ne,end->nd", probs.to(y_all.dtype), y_all).view(shape)
+        y = torch.einsum("ne,end->nd", probs.to(y_all.dtype), y_all)
+        if m.shared is not None:
+            y = y + m.shared(x2)
+        return y.view(shape)
 
     def flops(self, inputs: tuple, output: torch.Tensor) -> float:
         m = self.moe
         tokens = output.numel() // m.dim
-        return float(tokens * (m.router_flops() + m.num_experts * m.expert_flops()))
+        return float(tokens * (m.router_flops() + m.shared_flops() + m.num_experts * m.expert_flops()))
 
 
 @dataclass
@@ -546,7 +574,7 @@ class MoEStackMixin:
 
         twin = self.to_static()  # type: ignore[attr-defined]
         x = self.example_input(1, generator=torch.Generator().manual_seed(0))  # type: ignore[attr-defined]
-        mix = sum((m.group_size or 1) * (m.router_flops() + m.num_experts * m.expert_flops())
+        mix = sum((m.group_size or 1) * (m.router_flops() + m.shared_flops() + m.num_experts * m.expert_flops())
                   for m in self.moe_layers())
         return static_flops(twin, x) - mix
 

@@ -42,8 +42,8 @@ class MoEMLPConfig:
     """Args:
     input_shape: per-sample input shape (flattened by the stem). num_classes: classes.
     dim: width of the residual stream. depth: MoE blocks. hidden: width of each SwiGLU expert.
-    num_experts, top_k, routing, capacity_factor, balance_coef, z_coef, router_jitter, straight_through_weights:
-        see ``MoEFeedForward``.
+    num_experts, top_k, routing, capacity_factor, balance_coef, z_coef, router_jitter, straight_through_weights,
+        shared_hidden: see ``MoEFeedForward``.
     """
 
     input_shape: tuple[int, ...] = (1, 28, 28)
@@ -59,6 +59,7 @@ class MoEMLPConfig:
     z_coef: float = 1e-3
     router_jitter: float = 0.0
     straight_through_weights: bool = False
+    shared_hidden: int | None = None
 
     def __post_init__(self) -> None:
         if self.depth < 1:
@@ -93,7 +94,7 @@ class MoEMLP(MoEStackMixin, DynamicModel):
             MoEFeedForward(cfg.dim, cfg.hidden, cfg.num_experts, top_k=cfg.top_k, routing=cfg.routing,
                            capacity_factor=cfg.capacity_factor, balance_coef=cfg.balance_coef, z_coef=cfg.z_coef,
                            router_jitter=cfg.router_jitter,
-                           straight_through_weights=cfg.straight_through_weights)
+                           straight_through_weights=cfg.straight_through_weights, shared_hidden=cfg.shared_hidden)
             for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
@@ -129,22 +130,24 @@ def _make(defaults: dict, overrides: dict) -> MoEMLP:
 
 @register_model
 def moe_mlp_mnist(*, num_experts: int = 8, top_k: int = 2, routing: RoutingKind = "top_k",
-                  capacity_factor: float | None = None, dim: int = 128, hidden: int = 256, depth: int = 2,
+                  capacity_factor: float | None = None, shared_hidden: int | None = None,
+                  dim: int = 128, hidden: int = 256, depth: int = 2,
                   num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28)) -> MoEMLP:
     """MNIST / Fashion-MNIST: 784 → 128, 2 MoE blocks of 8 SwiGLU experts (width 256), top-2."""
     return _make({}, dict(num_experts=num_experts, top_k=top_k, routing=routing, capacity_factor=capacity_factor,
-                          dim=dim, hidden=hidden, depth=depth, num_classes=num_classes,
+                          shared_hidden=shared_hidden, dim=dim, hidden=hidden, depth=depth, num_classes=num_classes,
                           input_shape=tuple(input_shape)))
 
 
 @register_model
 def moe_mlp_digits(*, num_experts: int = 4, top_k: int = 1, routing: RoutingKind = "top_k",
-                   capacity_factor: float | None = None, dim: int = 64, hidden: int = 64, depth: int = 2,
+                   capacity_factor: float | None = None, shared_hidden: int | None = None,
+                   dim: int = 64, hidden: int = 64, depth: int = 2,
                    num_classes: int = 10) -> MoEMLP:
     """scikit-learn digits 8×8: 64 → 64, 2 MoE blocks of 4 experts, top-1 (Switch)."""
     return _make(dict(input_shape=(1, 8, 8)), dict(
-        num_experts=num_experts, top_k=top_k, routing=routing, capacity_factor=capacity_factor, dim=dim,
-        hidden=hidden, depth=depth, num_classes=num_classes))
+        num_experts=num_experts, top_k=top_k, routing=routing, capacity_factor=capacity_factor,
+        shared_hidden=shared_hidden, dim=dim, hidden=hidden, depth=depth, num_classes=num_classes))
 
 
 @register_model

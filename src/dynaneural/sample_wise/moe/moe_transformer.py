@@ -50,6 +50,7 @@ class MoETransformerConfig:
     routing: ``"top_k"`` or ``"expert_choice"``. capacity_factor: see ``MoEFeedForward`` (None = dropless).
     balance_coef, z_coef, router_jitter: auxiliary-loss weights and Switch jitter.
     straight_through_weights: see ``MoEFeedForward`` (set by :func:`~dynaneural.sample_wise.moe.upcycle.upcycle`).
+    shared_hidden: width of a shared SwiGLU expert every token runs (DeepSeekMoE; see ``MoEFeedForward``).
     """
 
     input_shape: tuple[int, ...] = (1, 28, 28)
@@ -68,6 +69,7 @@ class MoETransformerConfig:
     z_coef: float = 1e-3
     router_jitter: float = 0.0
     straight_through_weights: bool = False
+    shared_hidden: int | None = None
 
     def __post_init__(self) -> None:
         if self.vocab_size is None:
@@ -186,7 +188,7 @@ class MoETransformer(MoEStackMixin, DynamicModel):
                 cfg.dim, cfg.hidden, cfg.num_experts, top_k=cfg.top_k, routing=cfg.routing,
                 capacity_factor=cfg.capacity_factor, group_size=self.num_tokens, balance_coef=cfg.balance_coef,
                 z_coef=cfg.z_coef, router_jitter=cfg.router_jitter,
-                straight_through_weights=cfg.straight_through_weights))
+                straight_through_weights=cfg.straight_through_weights, shared_hidden=cfg.shared_hidden))
             for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
@@ -230,33 +232,37 @@ def _make(defaults: dict, overrides: dict) -> MoETransformer:
 
 @register_model
 def moe_transformer_mnist(*, num_experts: int = 8, top_k: int = 2, routing: RoutingKind = "top_k",
-                          capacity_factor: float | None = None, dim: int = 64, hidden: int = 128, depth: int = 2,
+                          capacity_factor: float | None = None, shared_hidden: int | None = None,
+                          dim: int = 64, hidden: int = 128, depth: int = 2,
                           num_classes: int = 10) -> MoETransformer:
     """MNIST 28×28 as 16 patches of 7×7; 2 blocks of width 64, 8 SwiGLU experts of width 128, top-2."""
     return _make(dict(input_shape=(1, 28, 28), patch_size=7), dict(
-        num_experts=num_experts, top_k=top_k, routing=routing, capacity_factor=capacity_factor, dim=dim,
-        hidden=hidden, depth=depth, num_classes=num_classes))
+        num_experts=num_experts, top_k=top_k, routing=routing, capacity_factor=capacity_factor,
+        shared_hidden=shared_hidden, dim=dim, hidden=hidden, depth=depth, num_classes=num_classes))
 
 
 @register_model
 def moe_transformer_cifar10(*, num_experts: int = 8, top_k: int = 2, routing: RoutingKind = "top_k",
-                            capacity_factor: float | None = None, dim: int = 64, hidden: int = 128, depth: int = 2,
+                            capacity_factor: float | None = None, shared_hidden: int | None = None,
+                            dim: int = 64, hidden: int = 128, depth: int = 2,
                             patch_size: int = 4, num_classes: int = 10) -> MoETransformer:
     """CIFAR-10 32×32×3 as 64 patches of 4×4; 2 blocks of width 64, 8 SwiGLU experts of width 128, top-2."""
     return _make(dict(input_shape=(3, 32, 32)), dict(
         patch_size=patch_size, num_experts=num_experts, top_k=top_k, routing=routing,
-        capacity_factor=capacity_factor, dim=dim, hidden=hidden, depth=depth, num_classes=num_classes))
+        capacity_factor=capacity_factor, shared_hidden=shared_hidden, dim=dim, hidden=hidden, depth=depth,
+        num_classes=num_classes))
 
 
 @register_model
 def moe_transformer_tokens(*, vocab_size: int = 1000, seq_len: int = 32, num_classes: int = 2,
                            num_experts: int = 8, top_k: int = 2, routing: RoutingKind = "top_k",
-                           capacity_factor: float | None = None, dim: int = 64, hidden: int = 128,
+                           capacity_factor: float | None = None, shared_hidden: int | None = None,
+                           dim: int = 64, hidden: int = 128,
                            depth: int = 2) -> MoETransformer:
     """Token-id sequences (B, seq_len) → classes; 8 SwiGLU experts, top-2."""
     return _make(dict(input_shape=(seq_len,), vocab_size=vocab_size), dict(
         num_classes=num_classes, num_experts=num_experts, top_k=top_k, routing=routing,
-        capacity_factor=capacity_factor, dim=dim, hidden=hidden, depth=depth))
+        capacity_factor=capacity_factor, shared_hidden=shared_hidden, dim=dim, hidden=hidden, depth=depth))
 
 
 _TINY = dict(input_shape=(1, 8, 8), patch_size=4, dim=16, depth=1, heads=2, hidden=16, num_experts=4)
@@ -279,3 +285,9 @@ def test_moe_transformer_tokens() -> MoETransformer:
     """Tiny: token ids (length 6, vocabulary 50), top-1 dropless."""
     return _make({**_TINY, "input_shape": (6,), "vocab_size": 50, "num_classes": 3, "top_k": 1}, {})
 
+
+
+@register_model
+def test_moe_transformer_shared() -> MoETransformer:
+    """Tiny: top-1 with capacity factor 1 (tokens dropped) beside a shared expert of width 8 that every token runs."""
+    return _make({**_TINY, "top_k": 1, "capacity_factor": 1.0, "shared_hidden": 8}, {})
