@@ -1,5 +1,6 @@
 """DynConv, SBNet and SACT: costs, losses, masks and execute == simulate beyond the registry contract test."""
 
+import pytest
 import torch
 
 import dynaneural as dn
@@ -93,7 +94,43 @@ def test_sbnet_tile_execution_equals_masked_dense_and_charges_halos():
         tiles = m.view(5, s, 2, s, 2)
         assert bool((tiles.all(2).all(3) == tiles.any(2).any(3)).all())
     blk = model.net.blocks[0]
-    assert model._tile_costs(blk, torch.ones(1, dtype=torch.float64)).item() == blk.conv1_fpp * 16 + blk.conv2_fpp * 4
+    assert model._tile_costs(0, torch.ones(1, dtype=torch.float64)).item() == blk.conv1_fpp * 16 + blk.conv2_fpp * 4
+
+
+def test_sbnet_whole_map_tiles_run_samples_as_a_sub_batch_without_halo():
+    model = dn.create_model("test_sbnet_whole_map").eval()
+    assert [model.tile(i) for i in range(4)] == [2, 2, 4, 4] and model.whole_map(3) and not model.whole_map(1)
+    x = _x(model, 6)
+    with torch.inference_mode():
+        model.gates[3][1].bias.fill_(0.0)
+        model.gates[3][1].weight.copy_(torch.randn_like(model.gates[3][1].weight))
+        sim, exe = model(x, mode="simulate"), model(x, mode="execute")
+    torch.testing.assert_close(exe.logits, sim.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(exe.cost, sim.cost, rtol=1e-12, atol=0)
+    on = exe.masks[-1].flatten(1)
+    assert bool((on.all(1) == on.any(1)).all())  # the last block is on or off for the whole map
+    blk = model.net.blocks[3]
+    assert model._tile_costs(3, torch.ones(1, dtype=torch.float64)).item() == (blk.conv1_fpp + blk.conv2_fpp) * 16
+    # the whole-map path runs the block on the selected samples only
+    calls = []
+    handle = torch.nn.functional.conv2d
+    def spy(inp, *a, **k):
+        calls.append(inp.shape[0])
+        return handle(inp, *a, **k)
+    h = torch.randn(6, 16, 4, 4).contiguous(memory_format=torch.channels_last).relu()
+    sel = torch.tensor([True, False, False, True, False, False])
+    torch.nn.functional.conv2d = spy
+    try:
+        with torch.inference_mode():
+            out = model.sample_execute(blk, h.clone(), sel)
+    finally:
+        torch.nn.functional.conv2d = handle
+    assert calls == [2, 2]
+    with torch.inference_mode():
+        ref = blk.masked_dense(h, sel[:, None, None].expand(6, 4, 4))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="tile size"):
+        dn.create_model("sbnet_resnet20_cifar", block=[8, 8])
 
 
 def test_sact_halting_semantics():

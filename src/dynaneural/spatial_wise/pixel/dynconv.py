@@ -108,22 +108,23 @@ class DynConvResNet(AllOnFlag, DynamicModel):
         self.num_classes = cfg.num_classes
         self.net = ResNetCifar(in_chans=cfg.in_chans, num_classes=cfg.num_classes, widths=cfg.widths,
                                depths=cfg.depths, strides=cfg.strides)
+        # Analytic per-sample FLOPs of the fixed parts and per-block output sizes (from the static shapes).
+        size = cfg.input_size
+        self.out_hw: list[int] = []
+        for blk in self.net.blocks:
+            size //= blk.stride
+            self.out_hw.append(size)
         self.gates = nn.ModuleList(
-            self._make_gate(blk) if blk.stride == 1 or cfg.gate_strided else nn.Identity() for blk in self.net.blocks)
+            self._make_gate(i, blk) if blk.stride == 1 or cfg.gate_strided else nn.Identity()
+            for i, blk in enumerate(self.net.blocks))
         self.budget_loss = BudgetLoss(target=cfg.budget, weight=cfg.budget_weight)
         self.tau_schedule = TemperatureSchedule(start=cfg.tau_start, end=cfg.tau_end,
                                                 kind="constant" if cfg.tau_start == cfg.tau_end else "exponential")
         self.tau = cfg.tau_start
         self.threshold = cfg.threshold
         self._all_on = False
-        # Analytic per-sample FLOPs of the fixed parts and per-block output sizes (from the static shapes).
-        size = cfg.input_size
         w0 = cfg.widths[0]
-        self.stem_flops = float((cfg.in_chans * 9 * w0 + 2 * w0) * size * size)
-        self.out_hw: list[int] = []
-        for blk in self.net.blocks:
-            size //= blk.stride
-            self.out_hw.append(size)
+        self.stem_flops = float((cfg.in_chans * 9 * w0 + 2 * w0) * cfg.input_size ** 2)
         c_last = cfg.widths[-1]
         self.head_flops = float(c_last * size * size + c_last * cfg.num_classes)
         self.static_total = self.stem_flops + self.head_flops + sum(
@@ -140,7 +141,7 @@ class DynConvResNet(AllOnFlag, DynamicModel):
     def set_train_progress(self, progress: float) -> None:
         self.tau = self.tau_schedule(progress)
 
-    def _make_gate(self, blk: BasicBlock) -> nn.Module:
+    def _make_gate(self, index: int, blk: BasicBlock) -> nn.Module:
         """DynConv's mask unit: a 1×1 convolution of the block input, strided like the block → one logit per
         output position."""
         g = nn.Conv2d(blk.conv1.in_channels, 1, 1, stride=blk.stride)

@@ -23,12 +23,13 @@ Down-sampling blocks run dense. Training uses the same straight-through Gumbel g
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynaneural.execution import Mode
+from dynaneural.execution import Mode, run_rows
 from dynaneural.policies import binary_decision
 from dynaneural.registry import register_model
 from dynaneural.spatial_wise.pixel._resnet import BasicBlock, fold_conv_bn
@@ -154,83 +155,129 @@ def block_sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 class SBNetResNet(DynConvResNet):
     """A CIFAR ResNet whose stride-1 residual blocks run only on the tiles their gate selects (SBNet execution).
 
-    ``cfg.gate_strided`` is ignored: down-sampling blocks run dense. ``block`` is the tile size in output
-    pixels; every gated block's map must be divisible by it.
+    ``cfg.gate_strided`` is ignored: down-sampling blocks run dense. ``block`` is the tile size in output pixels,
+    one for every stage or one per stage; a stage whose map is no larger than its tile has one tile per sample,
+    which runs as a whole map (the sample's rows of the batch as a sub-batch, zero padding at the image border: no
+    halo to recompute). Every other gated block's map must be divisible by its tile.
     """
 
-    def __init__(self, cfg: DynConvConfig, *, block: int = 4) -> None:
-        self.block = int(block)
+    def __init__(self, cfg: DynConvConfig, *, block: int | Sequence[int] = 4) -> None:
+        blocks = (int(block),) * len(cfg.widths) if isinstance(block, int) else tuple(int(b) for b in block)
+        if len(blocks) != len(cfg.widths) or min(blocks) < 1:
+            raise ValueError(f"block must be a positive tile size, or one per stage ({len(cfg.widths)}), got {block}")
+        self.stage_blocks = blocks
+        self.block_stage = [st for st, d in enumerate(cfg.depths) for _ in range(d)]  # stage of every block
         super().__init__(cfg)
         for i, blk in enumerate(self.net.blocks):
-            if blk.stride == 1 and self.out_hw[i] % self.block:
-                raise ValueError(f"block {i}: map size {self.out_hw[i]} is not divisible by the tile size {block}")
+            if blk.stride == 1 and self.out_hw[i] % self.tile(i):
+                raise ValueError(f"block {i}: map size {self.out_hw[i]} is not divisible by the tile size "
+                                 f"{self.tile(i)}")
 
-    def _make_gate(self, blk: BasicBlock) -> nn.Module:
+    @property
+    def block(self) -> int:
+        """The tile size of the first stage (the only one when a single size was given)."""
+        return self.stage_blocks[0]
+
+    def tile(self, index: int) -> int:
+        """Tile size of block ``index``: its stage's, at most the block's map."""
+        return min(self.stage_blocks[self.block_stage[index]], self.out_hw[index])
+
+    def whole_map(self, index: int) -> bool:
+        """Block ``index`` has one tile per sample, run as a whole map."""
+        return self.tile(index) == self.out_hw[index]
+
+    def _make_gate(self, index: int, blk: BasicBlock) -> nn.Module:
         """Reduce-mask gate: average pool each tile of the block input, 1×1 convolution → one logit per tile."""
         if blk.stride != 1:
             return nn.Identity()
         conv = nn.Conv2d(blk.conv1.in_channels, 1, 1)
         nn.init.normal_(conv.weight, std=1.0 / blk.conv1.in_channels ** 0.5)
         nn.init.constant_(conv.bias, self.cfg.gate_bias)
-        return nn.Sequential(nn.AvgPool2d(self.block), conv)
+        return nn.Sequential(nn.AvgPool2d(self.tile(index)), conv)
 
     def gate_flops(self, index: int) -> float:
         if isinstance(self.gates[index], nn.Identity):
             return 0.0
         c, s = self.net.blocks[index].conv1.in_channels, self.out_hw[index]
-        return float(c * s * s + c * (s // self.block) ** 2)  # pooling (1 per input element) + 1×1 conv per tile
+        return float(c * s * s + c * (s // self.tile(index)) ** 2)  # pooling (1 per input element) + 1×1 per tile
 
-    def _tile_costs(self, blk: BasicBlock, tiles: torch.Tensor) -> torch.Tensor:
-        """Per-sample FLOPs of running the residual on ``tiles`` (B,) tiles (float: relaxed in train mode)."""
-        return tiles * (blk.conv1_fpp * (self.block + 2) ** 2 + blk.conv2_fpp * self.block ** 2)
+    def _tile_costs(self, index: int, tiles: torch.Tensor) -> torch.Tensor:
+        """Per-sample FLOPs of running block ``index``'s residual on ``tiles`` (B,) tiles (float: relaxed in train
+        mode): ``(t + 2)²`` positions of the first convolution per tile (its halo), ``t²`` of the second; a whole
+        map has no halo."""
+        blk, t = self.net.blocks[index], self.tile(index)
+        if self.whole_map(index):
+            return tiles * ((blk.conv1_fpp + blk.conv2_fpp) * t * t)
+        return tiles * (blk.conv1_fpp * (t + 2) ** 2 + blk.conv2_fpp * t ** 2)
 
     def _run_block(self, i: int, h: torch.Tensor, mode: Mode
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        blk, s = self.net.blocks[i], self.out_hw[i]
+        blk, s, t = self.net.blocks[i], self.out_hw[i], self.tile(i)
         d = binary_decision(self.gates[i](h)[:, 0], training=mode is Mode.TRAIN, relaxation=self.cfg.relaxation,
                             tau=self.tau,
                             threshold=self.threshold)  # (B, Th, Tw)
-        pixels = tile_mask_to_pixels(d.hard, self.block, s, s)
+        pixels = tile_mask_to_pixels(d.hard, t, s, s)
         if mode is Mode.EXECUTE:
-            out = self.tile_execute(blk, h, d.hard)
+            out = (self.sample_execute(blk, h, d.hard.view(-1)) if self.whole_map(i)
+                   else self.tile_execute(blk, h, d.hard, block=t))
         else:
-            m = tile_mask_to_pixels(d.value, self.block, s, s) if mode is Mode.TRAIN else pixels
+            m = tile_mask_to_pixels(d.value, t, s, s) if mode is Mode.TRAIN else pixels
             out = blk.masked_dense(h, m)
-        cost = self.gate_flops(i) + self._tile_costs(blk, d.hard.flatten(1).sum(1, dtype=torch.float64))
+        cost = self.gate_flops(i) + self._tile_costs(i, d.hard.flatten(1).sum(1, dtype=torch.float64))
         expected = None
         if mode is Mode.TRAIN:
-            expected = self.gate_flops(i) + self._tile_costs(blk, d.value.flatten(1).sum(1))
+            expected = self.gate_flops(i) + self._tile_costs(i, d.value.flatten(1).sum(1))
         return out, pixels, cost, expected
 
-    def tile_execute(self, blk: BasicBlock, x: torch.Tensor, tile_mask: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def sample_execute(blk: BasicBlock, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+        """An identity block whose single tile is the whole map: the samples ``on`` (B,) bool run the block as a
+        sub-batch (batch norm folded), the others keep ``x`` (written in place when autograd is off)."""
+        w1, b1 = fold_conv_bn(blk.conv1, blk.bn1)
+        w2, b2 = fold_conv_bn(blk.conv2, blk.bn2)
+
+        def run(xs: torch.Tensor) -> torch.Tensor:
+            hid = F.relu(F.conv2d(xs, w1, b1, padding=1))
+            return F.relu(F.conv2d(hid, w2, b2, padding=1) + xs)
+
+        idx = on.nonzero().squeeze(1)
+        return run_rows(run, x, idx, inplace=not torch.is_grad_enabled())
+
+    def tile_execute(self, blk: BasicBlock, x: torch.Tensor, tile_mask: torch.Tensor, *, block: int | None = None
+                     ) -> torch.Tensor:
         """The residual branch of an identity block on active tiles: gather (halo 2) → conv → BN → ReLU → conv →
-        BN → add → ReLU → scatter. Inactive tiles keep ``x`` (written in place: the network owns ``x``)."""
+        BN → add → ReLU → scatter. Inactive tiles keep ``x`` (written in place: the network owns ``x``).
+        ``block``: the tile size (default: the first stage's)."""
+        bs = self.block if block is None else block
         tiles = ActivePositions.from_mask(tile_mask)
         if tiles.count == 0:
             return x
         b, c, hh, ww = x.shape
         xh = nhwc(x)
-        patches = gather_tiles(xh, tiles, block=self.block, halo=2)  # (T, C, bs+4, bs+4)
+        patches = gather_tiles(xh, tiles, block=bs, halo=2)  # (T, C, bs+4, bs+4)
         w1, b1 = fold_conv_bn(blk.conv1, blk.bn1)
         hid = F.relu(F.conv2d(patches, w1, b1))  # (T, C, bs+2, bs+2)
         # the next convolution zero-pads at the image border: halo pixels outside the image must be 0, not relu(b1)
-        hid = hid * _inside(tiles, block=self.block, halo=1, height=hh, width=ww)
+        hid = hid * _inside(tiles, block=bs, halo=1, height=hh, width=ww)
         w2, b2 = fold_conv_bn(blk.conv2, blk.bn2)
         res = F.conv2d(hid, w2, b2)  # (T, C, bs, bs)
         out = F.relu(res + patches[:, :, 2:-2, 2:-2])  # identity shortcut
         rows = xh.view(b * hh * ww, c)
         if torch.is_grad_enabled():
             rows = rows.clone()
-        scatter_tiles(rows, tiles, out, block=self.block, height=hh, width=ww)
+        scatter_tiles(rows, tiles, out, block=bs, height=hh, width=ww)
         return rows.view(b, hh, ww, c).permute(0, 3, 1, 2)
 
 
 @register_model
-def sbnet_resnet20_cifar(*, num_classes: int = 10, block: int = 4, budget: float = 0.5, budget_weight: float = 10.0,
-                         threshold: float = 0.5, gate_bias: float = 0.0) -> SBNetResNet:
-    """ResNet-20 on 3×32×32 with per-tile (block × block) gates on its stride-1 blocks."""
+def sbnet_resnet20_cifar(*, num_classes: int = 10, block: int | Sequence[int] = 4, budget: float = 0.5,
+                         budget_weight: float = 10.0, threshold: float = 0.5, gate_bias: float = 0.0,
+                         relaxation: str = "gumbel") -> SBNetResNet:
+    """ResNet-20 on 3×32×32 with per-tile (block × block) gates on its stride-1 blocks; ``block`` may be one tile
+    size per stage (maps 32, 16, 8), e.g. ``[8, 8, 8]``: 16 and 4 tiles in the first two stages, whole maps in the
+    third."""
     return SBNetResNet(DynConvConfig(num_classes=num_classes, budget=budget, budget_weight=budget_weight,
-                                     threshold=threshold, gate_bias=gate_bias), block=block)
+                                     threshold=threshold, gate_bias=gate_bias, relaxation=relaxation), block=block)
 
 
 @register_model
@@ -238,3 +285,10 @@ def test_sbnet(*, num_classes: int = 10) -> SBNetResNet:
     """Tiny variant for tests: 3×8×8 inputs, 2×2 tiles, 2 stages (8, 16 channels)."""
     return SBNetResNet(DynConvConfig(in_chans=3, input_size=8, num_classes=num_classes, widths=(8, 16),
                                      depths=(2, 2), strides=(1, 2)), block=2)
+
+
+@register_model
+def test_sbnet_whole_map(*, num_classes: int = 10) -> SBNetResNet:
+    """Tiny: as ``test_sbnet`` with 2×2 tiles in the first stage and the whole 4×4 map as the second's one tile."""
+    return SBNetResNet(DynConvConfig(in_chans=3, input_size=8, num_classes=num_classes, widths=(8, 16),
+                                     depths=(2, 2), strides=(1, 2)), block=(2, 8))
