@@ -99,7 +99,8 @@ def run_moe_accuracy_bench(recipe: Any, *, data_dir: str | None = None, out_dir:
         models[name] = create_model(recipe.model, **mkw)
         ckpt = training_dir(out_dir, name, recipe.model, mkw, recipe.data, recipe.dataset, settings, augment_name)
         results[name] = _train_and_evaluate(name, models[name], settings, ckpt, data, augment, log)
-    rows = _comparison_rows(f"moe_top{top_k}_of_{kw.get('num_experts', 8)}", (models["dense"], models["moe"]),
+    method = f"moe_top{top_k}_of_{kw.get('num_experts', 8)}" + (f"_shared{shared}" if shared else "")
+    rows = _comparison_rows(method, (models["dense"], models["moe"]),
                             (results["dense"], results["moe"]), recipe, data, log, names=("dense", "MoE"))
     meta = {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0]), "moe_kwargs": kw,
             "dense_kwargs": dense_kw, "augment": augment_name}

@@ -44,6 +44,7 @@ def test_moe_accuracy_bench_with_a_shared_expert_uses_the_same_dense_twin(tiny_m
     (row,) = res["rows"]
     assert res["meta"]["dense_kwargs"] == {**kwargs, "num_experts": 1, "top_k": 1, "hidden": 16,
                                            "capacity_factor": None}
+    assert row.method == "moe_top1_of_4_shared8"
     assert row.theoretical_speedup == pytest.approx(1.0, rel=0.02) and row.theoretical_speedup < 1.0
 
 
