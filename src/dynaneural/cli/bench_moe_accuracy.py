@@ -47,13 +47,44 @@ def _train_and_evaluate(name: str, model: Any, settings: dict[str, Any], ckpt: A
     return res
 
 
+def training_fit(model: Any, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> dict[str, float]:
+    """How well ``model`` fits training images ``x`` (un-augmented): mean cross-entropy and accuracy in execute mode.
+
+    Beside test accuracy this separates a model that underfits (higher training loss: too little training for its
+    parameters) from one that overfits (lower training loss, lower test accuracy).
+    """
+    was_training = model.training
+    model.eval()
+    ce, correct = 0.0, 0
+    try:
+        with torch.inference_mode():
+            for i in range(0, x.shape[0], batch_size):
+                logits = model(x[i:i + batch_size], mode="execute").logits
+                target = y[i:i + batch_size]
+                ce += float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"))
+                correct += int((logits.argmax(-1) == target).sum())
+    finally:
+        model.train(was_training)
+    n = max(int(x.shape[0]), 1)
+    return {"cross_entropy": ce / n, "accuracy": correct / n}
+
+
 def _comparison_rows(method: str, models: tuple[Any, Any], results: tuple[Any, Any], recipe: Any, data: Any,
                      log: Any, *, names: tuple[str, str], extra: dict[str, Any] | None = None) -> list[Any]:
     """One row per timed batch size: the sparse model (second) against its dense reference (first) — accuracies,
-    FLOPs, parameters and the realized speed-up, the two interleaved in one run."""
+    FLOPs, parameters and the realized speed-up, the two interleaved in one run — and how well each fits the first
+    ``options.fit_samples`` (default 2 000) training images, un-augmented (:func:`training_fit`)."""
     from dynaneural.bench.rows import SpeedupRow, time_against_static
 
     (dense_model, sparse_model), (dense, sparse) = models, results
+    n_fit = int(recipe.options.get("fit_samples", 2000))
+    fits = [training_fit(m, data.train_x[:n_fit], data.train_y[:n_fit]) for m in (dense_model, sparse_model)]
+    log(f"  training fit on {min(n_fit, int(data.train_x.shape[0]))} un-augmented training images: "
+        f"{names[0]} CE {fits[0]['cross_entropy']:.4f} acc {fits[0]['accuracy']:.4f}, "
+        f"{names[1]} CE {fits[1]['cross_entropy']:.4f} acc {fits[1]['accuracy']:.4f}")
+    fit_extra = {"train_fit_cross_entropy": fits[1]["cross_entropy"], "train_fit_accuracy": fits[1]["accuracy"],
+                 "dense_train_fit_cross_entropy": fits[0]["cross_entropy"],
+                 "dense_train_fit_accuracy": fits[0]["accuracy"], "train_fit_samples": n_fit}
     x_time = data.test_x[: recipe.bench.timed_samples]
     rows = []
     for bs in recipe.bench.batch_sizes:
@@ -67,7 +98,7 @@ def _comparison_rows(method: str, models: tuple[Any, Any], results: tuple[Any, A
             mean_flops=float(sparse.mean_cost), static_flops=float(dense.mean_cost), theoretical_speedup=theo,
             realized_over_theoretical=t["realized_speedup"] / theo, **t,
             extra={"moe_params": _params(sparse_model), "dense_params": _params(dense_model), "accuracy_gain_pp": gain,
-                   **(extra or {})}))
+                   **fit_extra, **(extra or {})}))
         log(f"  batch {bs}: {names[1]} {sparse.accuracy:.4f} vs {names[0]} {dense.accuracy:.4f} ({gain:+.2f} pp), "
             f"realized {t['realized_speedup']:.2f}× (FLOPs ratio {theo:.3f})")
     return rows

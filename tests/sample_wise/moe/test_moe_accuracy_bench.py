@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dynaneural.cli.bench_moe_accuracy import run_moe_accuracy_bench
+from dynaneural.cli.bench_moe_accuracy import run_moe_accuracy_bench, training_fit
 from dynaneural.recipes import Recipe, load_recipe
 
 _TINY_KWARGS = {"moe_transformer_mnist": {"dim": 16}, "moe_mlp_mnist": {"dim": 16},
@@ -26,6 +26,8 @@ def test_moe_accuracy_bench_trains_both_and_compares_equal_active_flops(tiny_mni
     # equal active FLOPs: the MoE pays only its wider router (E instead of 1 logit per token) on top
     assert row.theoretical_speedup == pytest.approx(1.0, rel=0.02) and row.theoretical_speedup < 1.0
     assert row.extra["moe_params"] > row.extra["dense_params"]
+    assert row.extra["train_fit_samples"] == 2000 and 0.0 <= row.extra["dense_train_fit_accuracy"] <= 1.0
+    assert row.extra["train_fit_cross_entropy"] > 0 and row.extra["dense_train_fit_cross_entropy"] > 0
     assert 0.0 <= row.accuracy <= 1.0 and row.realized_speedup > 0
     assert any(line.startswith("moe:") for line in lines) and any(line.startswith("dense:") for line in lines)
 
@@ -135,3 +137,23 @@ def test_moe_accuracy_bench_upcycles_the_dense_twin(tiny_mnist, tmp_path):
     recipe.options["upcycle"] = {"epochs": 1, "momentum": 0.5}
     with pytest.raises(ValueError, match="unknown keys"):
         run_moe_accuracy_bench(recipe, out_dir=tmp_path, log=lambda s: None)
+
+
+def test_training_fit_is_cross_entropy_and_accuracy_in_execute_mode():
+    from types import SimpleNamespace
+
+    class Fixed(torch.nn.Module):
+        """Logits log(p) with p = 0.5 on class 0 and the rest spread: CE = log 2 for class-0 targets."""
+
+        def forward(self, x, *, mode):
+            assert mode == "execute" and not torch.is_grad_enabled()
+            p = torch.full((x.shape[0], 3), 0.25)
+            p[:, 0] = 0.5
+            return SimpleNamespace(logits=p.log())
+
+    model = Fixed().train()
+    x, y = torch.zeros(5, 1), torch.tensor([0, 0, 1, 2, 0])
+    fit = training_fit(model, x, y, batch_size=2)
+    expected_ce = (3 * torch.tensor(2.0).log() + 2 * torch.tensor(4.0).log()) / 5
+    assert fit["cross_entropy"] == pytest.approx(float(expected_ce)) and fit["accuracy"] == pytest.approx(0.6)
+    assert model.training  # restored
