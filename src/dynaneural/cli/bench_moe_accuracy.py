@@ -120,8 +120,10 @@ def run_moe_accuracy_bench(recipe: Any, *, data_dir: str | None = None, out_dir:
         raise ValueError("moe-accuracy compares top-k routing against its dense twin; got routing "
                          f"{kw.get('routing')!r}")
     shared = int(kw.get("shared_hidden") or 0)
-    dense_kw = {**{k: v for k, v in kw.items() if k != "shared_hidden"}, "num_experts": 1, "top_k": 1,
-                "hidden": top_k * hidden + shared, "capacity_factor": None}
+    # Options that only shape the routing (a weight of exactly 1 for one expert either way) are dropped, so the MoE
+    # variants of one recipe share their trained dense twin.
+    dense_kw = {**{k: v for k, v in kw.items() if k not in ("shared_hidden", "straight_through_weights")},
+                "num_experts": 1, "top_k": 1, "hidden": top_k * hidden + shared, "capacity_factor": None}
     settings = {**recipe.train, "progress": False}
     models: dict[str, Any] = {}
     results: dict[str, Any] = {}

@@ -34,12 +34,13 @@ def test_moe_accuracy_bench_trains_both_and_compares_equal_active_flops(tiny_mni
 
 def test_moe_accuracy_bench_with_a_shared_expert_uses_the_same_dense_twin(tiny_mnist):
     """Shared width 8 + top-1 of 4 routed experts of width 8: the dense twin is one SwiGLU of width 16, exactly the
-    twin of a top-2 MoE of width 8 (so a cached twin is shared between the two recipes)."""
+    twin of a top-2 MoE of width 8 (so a cached twin is shared between the two recipes); routing-only options such
+    as straight-through weights do not reach the one-expert twin."""
     tiny_mnist(train=96, val=32, test=48)
     kwargs = {"num_experts": 4, "hidden": 8, "depth": 1, "num_classes": 3, "widths": [4, 8, 8]}
     recipe = Recipe.from_dict({
         "name": "tiny_moe_shared", "model": "moe_convnet_mnist", "dataset": "mnist",
-        "model_kwargs": {**kwargs, "top_k": 1, "shared_hidden": 8},
+        "model_kwargs": {**kwargs, "top_k": 1, "shared_hidden": 8, "straight_through_weights": True},
         "train": {"epochs": 1, "batch_size": 32, "lr": 0.01, "device": "cpu"},
         "bench": {"batch_sizes": [16], "repeats": 1, "timed_samples": 32}})
     res = run_moe_accuracy_bench(recipe, log=lambda _: None)

@@ -185,23 +185,25 @@ def _make(dataset: str, widths: tuple[int, ...] | list[int] | None, num_classes:
 @register_model
 def moe_convnet_cifar10(*, num_experts: int = 8, top_k: int = 2, routing: RoutingKind = "top_k",
                         capacity_factor: float | None = None, shared_hidden: int | None = None,
-                        hidden: int = 128, depth: int = 2,
+                        straight_through_weights: bool = False, hidden: int = 128, depth: int = 2,
                         widths: tuple[int, ...] | list[int] | None = None, num_classes: int = 10) -> MoEConvNet:
     """CIFAR-10 32×32×3: conv layers 32-64-128-128 (strides 1-2-2-1), an MoE block of 8 SwiGLU experts (width 128,
     top-2) on the 64 pixel tokens after each of the last two."""
     return _make("cifar10", widths, num_classes, num_experts=num_experts, top_k=top_k, routing=routing,
-                 capacity_factor=capacity_factor, shared_hidden=shared_hidden, hidden=hidden, depth=depth)
+                 capacity_factor=capacity_factor, shared_hidden=shared_hidden,
+                 straight_through_weights=straight_through_weights, hidden=hidden, depth=depth)
 
 
 @register_model
 def moe_convnet_mnist(*, num_experts: int = 8, top_k: int = 2, routing: RoutingKind = "top_k",
                       capacity_factor: float | None = None, shared_hidden: int | None = None,
-                      hidden: int = 128, depth: int = 2,
+                      straight_through_weights: bool = False, hidden: int = 128, depth: int = 2,
                       widths: tuple[int, ...] | list[int] | None = None, num_classes: int = 10) -> MoEConvNet:
     """MNIST 28×28: conv layers 32-64-128 (strides 1-2-2), an MoE block of 8 SwiGLU experts (width 128, top-2) after
     each of the last two (196 tokens of width 64, then 49 of width 128)."""
     return _make("mnist", widths, num_classes, num_experts=num_experts, top_k=top_k, routing=routing,
-                 capacity_factor=capacity_factor, shared_hidden=shared_hidden, hidden=hidden, depth=depth)
+                 capacity_factor=capacity_factor, shared_hidden=shared_hidden,
+                 straight_through_weights=straight_through_weights, hidden=hidden, depth=depth)
 
 
 @register_model
