@@ -19,7 +19,8 @@ Modes: ``simulate`` runs every expert on every token and selects; ``execute``/``
 expert only sees its tokens). Per-sample cost = the convolutions, norms and head + each token's router and the
 experts that processed it. With every decision on (``all_on``: top-k = E) the model equals its static twin, where
 each MoE layer is the dense softmax mixture of all experts. The *dense twin of equal active FLOPs* that
-``dynaneural bench moe-accuracy`` trains against it is this model with one expert of width ``top_k × hidden``.
+``dynaneural bench moe-accuracy`` trains against it is this model with one expert of width ``top_k × hidden`` (plus
+``shared_hidden`` with a shared expert).
 """
 
 from __future__ import annotations
