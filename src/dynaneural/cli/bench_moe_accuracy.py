@@ -7,8 +7,9 @@ same compute per token, do more parameters behind a router buy accuracy? Both si
 trained with the same recipe, seed and data order. The dense twin has ``num_experts=1``, ``top_k=1`` and an FFN of
 width ``top_k × hidden + shared_hidden`` — one always-on SwiGLU expert with the MoE's active width (its router over
 one expert costs D MACs per token and always gives weight 1); an MoE with a shared expert (``shared_hidden``,
-DeepSeekMoE) is thus compared with the same dense twin as one whose routed experts alone are that wide. Each row: test accuracy in execute mode, mean FLOPs from the ledger,
-parameter count, and the realized speed-up of the MoE against the dense twin, interleaved in one run.
+DeepSeekMoE) is thus compared with the same dense twin as one whose routed experts alone are that wide. Each row:
+test accuracy in execute mode, mean FLOPs from the ledger, parameter count, how well both fit un-augmented training
+images, and the realized speed-up of the MoE against the dense twin, interleaved in one run.
 
 ``options.augment: cifar`` trains both with random crops and flips. ``options.upcycle`` adds the sparse-upcycling
 comparison: the trained dense twin continued for a few epochs, against the same twin upcycled into an MoE and trained

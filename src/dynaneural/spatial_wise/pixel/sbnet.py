@@ -245,8 +245,8 @@ class SBNetResNet(DynConvResNet):
 
     def tile_execute(self, blk: BasicBlock, x: torch.Tensor, tile_mask: torch.Tensor, *, block: int | None = None
                      ) -> torch.Tensor:
-        """The residual branch of an identity block on active tiles: gather (halo 2) → conv → BN → ReLU → conv →
-        BN → add → ReLU → scatter. Inactive tiles keep ``x`` (written in place: the network owns ``x``).
+        """The residual branch of an identity block on active tiles: gather (halo 2) → conv → BN → ReLU →
+        conv → BN → add → ReLU → scatter. Inactive tiles keep ``x`` (written in place: the network owns ``x``).
         ``block``: the tile size (default: the first stage's)."""
         bs = self.block if block is None else block
         tiles = ActivePositions.from_mask(tile_mask)
