@@ -195,10 +195,11 @@ def test_expert_choice_takes_top_c_tokens_per_expert_per_group():
 
 
 def test_train_gradients_equal_dense_reference_gradients():
-    """The sorted dispatch's gradients (router through the gate weights, experts through their slices) equal
-    those of the simulate path, which computes every expert densely and masks."""
+    """The sorted dispatch's gradients (router through the gate weights, experts through their slices, the shared
+    expert) equal those of the simulate path, which computes every expert densely and masks."""
     torch.manual_seed(1)
-    for kwargs in (dict(top_k=2), dict(top_k=1, capacity_factor=0.6), dict(routing="expert_choice")):
+    for kwargs in (dict(top_k=2), dict(top_k=1, capacity_factor=0.6), dict(routing="expert_choice"),
+                   dict(top_k=1, capacity_factor=0.6, group_size=16, shared_hidden=9)):
         m = MoEFeedForward(6, 10, 4, **kwargs)
         x = torch.randn(16, 6, requires_grad=True)
         target = torch.randn(16, 6)
@@ -213,6 +214,8 @@ def test_train_gradients_equal_dense_reference_gradients():
         for a, b in zip(*grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         assert m.router.weight.grad.abs().sum() > 0
+        if m.shared is not None:  # the shared expert (DeepSeekMoE) is trained through the same loss
+            assert m.shared.gate_up.weight.grad.abs().sum() > 0 and m.shared.down.weight.grad.abs().sum() > 0
 
 
 def test_all_experts_equals_dense_mixture():
