@@ -2,11 +2,12 @@
 
 Trains GFNet (per-step cross-entropy + REINFORCE patch policy, :meth:`GFNet.loss`), RANet (the multi-exit loss)
 and a static family — RANet truncated to its first k resolutions, each trained on its own (``exits="last"``) —
-on the recipe's dataset. GFNet's confidence threshold (:meth:`GFNet.calibrate`) and RANet's exit thresholds
-(:func:`~dynaneural.calibration.calibrate_exits`) are calibrated to each budget (fraction of the method's own
-static twin) on the validation split. Every row is a :class:`~dynaneural.bench.rows.SpeedupRow` timed
-interleaved against the same reference — the full static RANet (all resolutions, its static twin) — so all
-methods and static members sit on one accuracy-vs-measured-time axis (``dynamic_ms_per_sample``).
+on the recipe's dataset (GFNet with the recipe's ``options.gfnet_train`` settings on top). GFNet's confidence
+threshold (:meth:`GFNet.calibrate`) and RANet's exit thresholds (:func:`~dynaneural.calibration.calibrate_exits`)
+are calibrated to each budget (fraction of the method's own static twin) on the validation split. Every row is a
+:class:`~dynaneural.bench.rows.SpeedupRow` timed interleaved against the same reference — the full static RANet (all
+resolutions, its static twin) — so all methods and static members sit on one accuracy-vs-measured-time axis
+(``dynamic_ms_per_sample``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import torch
 __all__ = ["register", "run_region_bench"]
 
 
-def _train(model: torch.nn.Module, recipe: Any, data: Any, *, epochs: int | None = None, loss_fn: Any = None) -> None:
+def _train(model: torch.nn.Module, recipe: Any, data: Any, *, loss_fn: Any = None,
+           overrides: dict[str, Any] | None = None) -> None:
+    """Train on the recipe's settings, with ``overrides`` (e.g. the recipe's ``options.gfnet_train``) on top."""
     from dynaneural.engine import TrainConfig, train
 
-    over = {"progress": False} if epochs is None else {"progress": False, "epochs": epochs}
-    cfg = TrainConfig.from_dict({**recipe.train, **over})
+    cfg = TrainConfig.from_dict({**recipe.train, **(overrides or {}), "progress": False})
     train(model, train_x=data.train_x, train_y=data.train_y, config=cfg, loss_fn=loss_fn)
     model.eval()
 
@@ -84,7 +86,7 @@ def run_region_bench(recipe: Any, *, data_dir: str | None = None, log: Any = pri
     # GFNet
     gf = create_model(opts.get("gfnet_model", "gfnet_mnist"), seed=int(recipe.train.get("seed", 0)),
                       **opts.get("gfnet_kwargs", {}))
-    _train(gf, recipe, data, loss_fn=gf.loss)
+    _train(gf, recipe, data, loss_fn=gf.loss, overrides=opts.get("gfnet_train"))
     with gf.all_on():
         gf_full = evaluate(gf, data.test_x, data.test_y, mode="execute").accuracy
     log(f"GFNet (all steps): accuracy {gf_full:.4f}, {gf.static_cost() / 1e6:.2f} MFLOPs")

@@ -51,8 +51,8 @@ class GFNetConfig:
     """Args:
     in_chans, input_size, num_classes: the data. glance_scale: down-sampling of the glance (average pooling).
     patch: side of a focus crop. grid: crops start on a grid × grid lattice covering the image.
-    steps: focus steps T. widths: channels of the glance and focus CNNs (one conv per entry, the first strided
-    2 in the focus CNN). hidden: GRU state size. threshold: confidence to stop. entropy_coef: policy entropy bonus.
+    steps: focus steps T. widths: channels of the glance and focus CNNs (one conv per entry, each after the first
+    strided 2). hidden: GRU state size. threshold: confidence to stop. entropy_coef: policy entropy bonus.
     """
 
     in_chans: int = 1
@@ -62,9 +62,9 @@ class GFNetConfig:
     patch: int = 14
     grid: int = 3
     steps: int = 2
-    glance_widths: tuple[int, ...] = (16, 32)
-    focus_widths: tuple[int, ...] = (16, 32, 32)
-    hidden: int = 64
+    glance_widths: tuple[int, ...] = (32, 64, 128)
+    focus_widths: tuple[int, ...] = (32, 64, 128)
+    hidden: int = 128
     threshold: float = 0.9
     entropy_coef: float = 0.01
 
@@ -96,10 +96,16 @@ def crop_patches(x: torch.Tensor, loc: torch.Tensor, cfg: GFNetConfig) -> torch.
 
 
 def _cnn(in_chans: int, widths: Sequence[int], first_stride: int) -> nn.Sequential:
+    """One 3×3 conv per width, every conv after the first strided 2, then global average pooling.
+
+    Halving the map at every conv lets three convs see the whole 14×14 glance or crop before the pooling; with a
+    single late stride the pooled features were a bag of 5×5 neighbourhoods, and GFNet trailed a static net of a
+    fraction of its FLOPs (BENCHMARKS.md, regions).
+    """
     layers: list[nn.Module] = []
     prev = in_chans
     for i, w in enumerate(widths):
-        layers.append(ConvBNAct(prev, w, stride=first_stride if i == 0 else 2 if i == len(widths) - 1 else 1))
+        layers.append(ConvBNAct(prev, w, stride=first_stride if i == 0 else 2))
         prev = w
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers)
@@ -323,8 +329,7 @@ def gfnet_mnist(*, steps: int = 2, threshold: float = 0.9, num_classes: int = 10
 @register_model
 def gfnet_cifar10(*, steps: int = 2, threshold: float = 0.9, num_classes: int = 10) -> GFNet:
     """CIFAR-10: a 16×16 glance, then up to 2 full-resolution 16×16 crops on a 3×3 grid."""
-    return _make(dict(in_chans=3, input_size=32, glance_scale=2, patch=16, grid=3, glance_widths=(32, 64),
-                      focus_widths=(32, 64, 64), hidden=128),
+    return _make(dict(in_chans=3, input_size=32, glance_scale=2, patch=16, grid=3),
                  dict(steps=steps, threshold=threshold, num_classes=num_classes))
 
 
