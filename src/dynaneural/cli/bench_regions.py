@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,32 +23,40 @@ import torch
 __all__ = ["register", "run_region_bench"]
 
 
-def _train(model: torch.nn.Module, recipe: Any, data: Any, *, loss_fn: Any = None,
-           overrides: dict[str, Any] | None = None) -> None:
-    """Train on the recipe's settings, with ``overrides`` (e.g. the recipe's ``options.gfnet_train``) on top."""
-    from dynaneural.engine import TrainConfig, train
+def run_region_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | Path | None = None,
+                     log: Any = print) -> dict[str, Any]:
+    """Train, calibrate and time GFNet, RANet and the static family; returns ``{rows, meta}``.
 
-    cfg = TrainConfig.from_dict({**recipe.train, **(overrides or {}), "progress": False})
-    train(model, train_x=data.train_x, train_y=data.train_y, config=cfg, loss_fn=loss_fn)
-    model.eval()
-
-
-def run_region_bench(recipe: Any, *, data_dir: str | None = None, log: Any = print) -> dict[str, Any]:
-    """Train, calibrate and time GFNet, RANet and the static family; returns ``{rows, meta}``."""
+    With ``out_dir`` every training checkpoints into ``<out_dir>/checkpoints/<tag>-<digest of its settings>``
+    (:func:`~dynaneural.bench.cache.training_dir`): a cut run resumes, and a finished one is loaded, so re-timing
+    costs no training.
+    """
+    from dynaneural.bench.cache import training_dir
     from dynaneural.bench.rows import SpeedupRow, time_against_static
     from dynaneural.calibration import calibrate_exits
     from dynaneural.data import load_dataset
-    from dynaneural.engine import evaluate
+    from dynaneural.engine import TrainConfig, evaluate, train
     from dynaneural.registry import create_model
 
     opts = recipe.options
     data = load_dataset(recipe.dataset, data_dir=data_dir, **recipe.data)
     bench = recipe.bench
     budgets = list(recipe.calibration.budgets)
-    torch.manual_seed(int(recipe.train.get("seed", 0)))
+    seed = int(recipe.train.get("seed", 0))
+
+    def fit(model: torch.nn.Module, tag: str, name: str, kwargs: dict[str, Any], *, loss_fn: Any = None,
+            overrides: dict[str, Any] | None = None) -> None:
+        """Train on the recipe's settings with ``overrides`` (e.g. ``options.gfnet_train``) on top, resumable."""
+        settings = {**recipe.train, **(overrides or {}), "progress": False}
+        ckpt = training_dir(out_dir, tag, name, kwargs, recipe.data, recipe.dataset, settings)
+        train(model, train_x=data.train_x, train_y=data.train_y,
+              config=TrainConfig.from_dict({**settings, "checkpoint_dir": ckpt}), loss_fn=loss_fn)
+        model.eval()
+
+    torch.manual_seed(seed)
     t0 = time.perf_counter()
     ranet = create_model(recipe.model, **recipe.model_kwargs)
-    _train(ranet, recipe, data)
+    fit(ranet, "ranet", recipe.model, dict(recipe.model_kwargs))
     ref = ranet.to_static().eval()
     ref_flops = ranet.cost_profile().static_total
     with ranet.all_on():
@@ -70,9 +79,9 @@ def run_region_bench(recipe: Any, *, data_dir: str | None = None, log: Any = pri
 
     # the static family: the first k resolutions, each trained on its own
     for k in opts.get("static_stages", [1, 2]):
-        m = create_model(recipe.model, seed=int(recipe.train.get("seed", 0)), **recipe.model_kwargs,
-                         num_stages=int(k), exits="last")
-        _train(m, recipe, data)
+        kw = {**recipe.model_kwargs, "num_stages": int(k), "exits": "last"}
+        m = create_model(recipe.model, seed=seed, **kw)
+        fit(m, f"static{k}", recipe.model, kw)
         acc = evaluate(m, data.test_x, data.test_y, mode="execute").accuracy
         add(f"static_ranet_{k}", m.to_static().eval(), acc=acc, flops=m.cost_profile().static_total, budget=1.0,
             extra={"family": "static", "stages": int(k)})
@@ -84,9 +93,9 @@ def run_region_bench(recipe: Any, *, data_dir: str | None = None, log: Any = pri
         add("ranet", lambda xb: ranet(xb, mode="execute"), acc=res.accuracy, flops=float(res.mean_cost), budget=b,
             extra={"family": "dynamic", "exit_fraction": res.exit_fraction})
     # GFNet
-    gf = create_model(opts.get("gfnet_model", "gfnet_mnist"), seed=int(recipe.train.get("seed", 0)),
-                      **opts.get("gfnet_kwargs", {}))
-    _train(gf, recipe, data, loss_fn=gf.loss, overrides=opts.get("gfnet_train"))
+    gf_name, gf_kw = opts.get("gfnet_model", "gfnet_mnist"), dict(opts.get("gfnet_kwargs", {}))
+    gf = create_model(gf_name, seed=seed, **gf_kw)
+    fit(gf, "gfnet", gf_name, gf_kw, loss_fn=gf.loss, overrides=opts.get("gfnet_train"))
     with gf.all_on():
         gf_full = evaluate(gf, data.test_x, data.test_y, mode="execute").accuracy
     log(f"GFNet (all steps): accuracy {gf_full:.4f}, {gf.static_cost() / 1e6:.2f} MFLOPs")
@@ -110,7 +119,8 @@ def cmd_bench_regions(args: argparse.Namespace) -> int:
     _maybe_reexec_with_tuned_allocator(args)
     torch.set_num_threads(args.threads)
     recipe = resolve_recipe(args, prefix="regions")
-    out = run_region_bench(recipe, data_dir=args.data_dir, log=lambda s: print(s, flush=True))
+    out = run_region_bench(recipe, data_dir=args.data_dir, out_dir=args.out or f"runs/bench-{recipe.name}",
+                           log=lambda s: print(s, flush=True))
     print(format_rows(out["rows"], ["method", "budget", "batch_size", "accuracy", "mean_flops",
                                     "dynamic_ms_per_sample", "theoretical_speedup", "realized_speedup"]))
     if args.json:
@@ -129,6 +139,8 @@ def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (timing is per thread count)")
     p.add_argument("--json", default=None, help="write the rows here (e.g. benchmarks/regions_fashion_mnist.json)")
+    p.add_argument("--out", default=None, help="run folder whose checkpoints/ keep every training (resumed when cut, "
+                                               "reused when run again); default runs/bench-<recipe>")
     data_opts(p)
     common(p)
     p.set_defaults(fn=cmd_bench_regions)
