@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["register", "run_region_bench"]
+__all__ = ["region_dominance", "register", "run_region_bench"]
 
 
 def run_region_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str | Path | None = None,
@@ -99,7 +99,8 @@ def run_region_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str |
     with gf.all_on():
         gf_full = evaluate(gf, data.test_x, data.test_y, mode="execute").accuracy
     log(f"GFNet (all steps): accuracy {gf_full:.4f}, {gf.static_cost() / 1e6:.2f} MFLOPs")
-    for b in budgets:
+    # GFNet's cheapest path is the glance (a third of its FLOPs with two focus steps), so it has its own budgets.
+    for b in opts.get("gfnet_budgets", budgets):
         try:
             gf.calibrate(data.val_x[:2000], budget=float(b))
         except ValueError as e:
@@ -109,7 +110,26 @@ def run_region_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str |
         add("gfnet", lambda xb: gf(xb, mode="execute"), acc=res.accuracy, flops=float(res.mean_cost), budget=b,
             extra={"family": "dynamic", "gfnet_all_steps_accuracy": gf_full, "threshold": float(gf.threshold)})
     return {"rows": rows, "meta": {"dataset": recipe.dataset, "train_samples": int(data.train_x.shape[0]),
-                                   "reference": "static RANet (all resolutions)", "seconds": time.perf_counter() - t0}}
+                                   "reference": "static RANet (all resolutions)", "seconds": time.perf_counter() - t0,
+                                   "dominance": region_dominance(rows)}}
+
+
+def region_dominance(rows: list[Any]) -> dict[str, Any]:
+    """Per dynamic method and timed batch size: does its curve beat the static family at equal measured time?
+
+    :func:`dynaneural.bench.pipeline.dominance` with every row's time relative to the common reference (the full
+    static RANet), ``1 / realized_speedup``; the family is every ``static`` row of that batch size, the full network
+    included.
+    """
+    from dynaneural.bench.pipeline import dominance
+
+    out: dict[str, Any] = {}
+    for bs in sorted({r.batch_size for r in rows}):
+        at = [r.to_dict() for r in rows if r.batch_size == bs]
+        static = [{**r, "relative_time": 1.0 / r["realized_speedup"]} for r in at if r["family"] == "static"]
+        for method in dict.fromkeys(r["method"] for r in at if r["family"] == "dynamic"):
+            out[f"{method}@{bs}"] = dominance([r for r in at if r["method"] == method], static)
+    return out
 
 
 def cmd_bench_regions(args: argparse.Namespace) -> int:
@@ -123,6 +143,10 @@ def cmd_bench_regions(args: argparse.Namespace) -> int:
                            log=lambda s: print(s, flush=True))
     print(format_rows(out["rows"], ["method", "budget", "batch_size", "accuracy", "mean_flops",
                                     "dynamic_ms_per_sample", "theoretical_speedup", "realized_speedup"]))
+    for key, d in out["meta"]["dominance"].items():
+        margins = ", ".join(f"{m['margin_pp']:+.2f}" for m in d["points"])
+        print(f"{key}: {'dominates' if d['dominates'] else 'does not dominate'} the static family at equal measured "
+              f"time (margins, pp: {margins})")
     if args.json:
         path = write_bench_json(args.json, out["rows"], recipe=recipe.name, **out["meta"])
         print(f"wrote {path}", file=sys.stderr)

@@ -1,6 +1,9 @@
 """The regions benchmark (GFNet, RANet, static RANet family) end to end on tiny synthetic data."""
 
-from dynaneural.cli.bench_regions import run_region_bench
+import pytest
+
+from dynaneural.bench.rows import SpeedupRow
+from dynaneural.cli.bench_regions import region_dominance, run_region_bench
 from dynaneural.recipes import Recipe, load_recipe
 
 
@@ -23,6 +26,8 @@ def test_region_bench_rows_and_checkpoints_are_reused(tiny_mnist, tmp_path):
     assert all(r.static_flops == res["rows"][0].static_flops and r.realized_speedup > 0 for r in res["rows"])
     static1 = next(r for r in res["rows"] if r.method == "static_ranet_1")
     assert static1.theoretical_speedup > 1 and static1.extra == {"family": "static", "stages": 1}
+    dom = res["meta"]["dominance"]["ranet@16"]
+    assert [p["budget"] for p in dom["points"]] == [0.5] and isinstance(dom["dominates"], bool)
     tags = sorted(p.name.split("-")[0] for p in (tmp_path / "checkpoints").iterdir())
     assert tags == ["gfnet", "ranet", "static1"]
     assert all((p / "last.safetensors").is_file() for p in (tmp_path / "checkpoints").iterdir())
@@ -39,3 +44,22 @@ def test_regions_recipe_trains_gfnet_with_its_own_optimizer():
     recipe = load_recipe("regions_fashion_mnist")
     assert recipe.options["gfnet_train"]["optimizer"] == "adamw"
     assert recipe.train["optimizer"] == "sgd"
+
+
+def _row(method: str, family: str, accuracy: float, speedup: float, budget: float = 1.0) -> SpeedupRow:
+    return SpeedupRow(method=method, batch_size=64, accuracy=accuracy, mean_flops=1.0, static_flops=1.0,
+                      theoretical_speedup=speedup, realized_speedup=speedup, realized_over_theoretical=1.0,
+                      static_ms_per_sample=1.0, dynamic_ms_per_sample=1.0 / speedup, timed_samples=64, budget=budget,
+                      extra={"family": family})
+
+
+def test_region_dominance_interpolates_the_static_family_at_equal_measured_time():
+    rows = [_row("static_a", "static", 0.80, 10.0), _row("static_b", "static", 0.90, 2.0),
+            _row("static_full", "static", 0.88, 1.0),
+            _row("gfnet", "dynamic", 0.86, 4.0, 0.5),   # t = 0.25, between a (0.1) and b (0.5): static 0.8375
+            _row("ranet", "dynamic", 0.85, 1.25, 0.7)]  # t = 0.8, between b (0.5) and full (1.0): static 0.888
+    dom = region_dominance(rows)
+    assert dom.keys() == {"gfnet@64", "ranet@64"}
+    assert dom["gfnet@64"]["dominates"] and not dom["ranet@64"]["dominates"]
+    assert dom["gfnet@64"]["points"][0]["margin_pp"] == pytest.approx(2.25)
+    assert dom["ranet@64"]["points"][0]["margin_pp"] == pytest.approx(-3.8)
