@@ -34,9 +34,11 @@ def run_region_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str |
     from dynaneural.bench.cache import training_dir
     from dynaneural.bench.rows import SpeedupRow, time_against_static
     from dynaneural.calibration import calibrate_exits
+    from dynaneural.compute.flops import static_flops
     from dynaneural.data import load_dataset
     from dynaneural.engine import TrainConfig, evaluate, train
     from dynaneural.registry import create_model
+    from dynaneural.spatial_wise.region.gfnet import StaticGlance
 
     opts = recipe.options
     data = load_dataset(recipe.dataset, data_dir=data_dir, **recipe.data)
@@ -96,6 +98,13 @@ def run_region_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str |
     gf_name, gf_kw = opts.get("gfnet_model", "gfnet_mnist"), dict(opts.get("gfnet_kwargs", {}))
     gf = create_model(gf_name, seed=seed, **gf_kw)
     fit(gf, "gfnet", gf_name, gf_kw, loss_fn=gf.loss, overrides=opts.get("gfnet_train"))
+    if opts.get("static_glance", True):  # GFNet's own design without focus steps, trained alone (same settings)
+        torch.manual_seed(seed)
+        glance = StaticGlance(gf.cfg)
+        fit(glance, "glance", f"{gf_name}:glance", gf_kw, overrides=opts.get("gfnet_train"))
+        acc = evaluate(glance, data.test_x, data.test_y).accuracy
+        add("static_glance", glance, acc=acc, flops=static_flops(glance, data.test_x[:1]), budget=1.0,
+            extra={"family": "static", "stages": 0})
     with gf.all_on():
         gf_full = evaluate(gf, data.test_x, data.test_y, mode="execute").accuracy
     log(f"GFNet (all steps): accuracy {gf_full:.4f}, {gf.static_cost() / 1e6:.2f} MFLOPs")

@@ -22,22 +22,22 @@ def test_region_bench_rows_and_checkpoints_are_reused(tiny_mnist, tmp_path):
     lines: list[str] = []
     res = run_region_bench(_recipe(), out_dir=tmp_path, log=lines.append)
     methods = {r.method for r in res["rows"]}
-    assert {"static_ranet_1", "static_ranet_full", "ranet"} <= methods
+    assert {"static_ranet_1", "static_ranet_full", "ranet", "static_glance"} <= methods
     assert all(r.static_flops == res["rows"][0].static_flops and r.realized_speedup > 0 for r in res["rows"])
     static1 = next(r for r in res["rows"] if r.method == "static_ranet_1")
     assert static1.theoretical_speedup > 1 and static1.extra == {"family": "static", "stages": 1}
     dom = res["meta"]["dominance"]["ranet@16"]
     assert [p["budget"] for p in dom["points"]] == [0.5] and isinstance(dom["dominates"], bool)
     tags = sorted(p.name.split("-")[0] for p in (tmp_path / "checkpoints").iterdir())
-    assert tags == ["gfnet", "ranet", "static1"]
+    assert tags == ["gfnet", "glance", "ranet", "static1"]
     assert all((p / "last.safetensors").is_file() for p in (tmp_path / "checkpoints").iterdir())
-    # a second run loads the three trainings instead of training again: same accuracies, checkpoints untouched
+    # a second run loads the four trainings instead of training again: same accuracies, checkpoints untouched
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("checkpoints/*/last.safetensors")}
     again = run_region_bench(_recipe(), out_dir=tmp_path, log=lambda _: None)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("checkpoints/*/last.safetensors")} == stamps
     assert [r.accuracy for r in again["rows"] if r.extra.get("family") == "static"] == \
            [r.accuracy for r in res["rows"] if r.extra.get("family") == "static"]
-    assert len(list((tmp_path / "checkpoints").iterdir())) == 3
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 4
 
 
 def test_regions_recipe_trains_gfnet_with_its_own_optimizer():

@@ -78,3 +78,21 @@ def test_render_writes_pngs(tmp_path, name):
     model = dn.create_model(name)
     paths = render(model, model.example_input(2), tmp_path)
     assert len(paths) == 2 and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_static_glance_is_gfnet_step_zero_on_its_own():
+    """Same pieces as GFNet's glance path: with GFNet's weights copied in, it gives GFNet's step-0 logits and FLOPs."""
+    from dynaneural.compute.flops import static_flops
+    from dynaneural.spatial_wise.region.gfnet import StaticGlance
+
+    gf = dn.create_model("test_gfnet").eval()
+    glance = StaticGlance(gf.cfg).eval()
+    glance.load_state_dict({**{k: v for k, v in gf.state_dict().items() if k.split(".")[0] in ("glance", "gru")},
+                            **{f"head.{k}": v for k, v in gf.heads[0].state_dict().items()}})
+    x = torch.randn(6, *gf.input_shape)
+    with torch.no_grad():
+        step0 = gf(x, mode="simulate").step_logits[0]
+        torch.testing.assert_close(glance(x), step0)
+    assert static_flops(glance, x[:1]) == pytest.approx(gf.step_cost(0))
+    with pytest.raises(ValueError):
+        glance(torch.randn(2, 3, 8, 8))

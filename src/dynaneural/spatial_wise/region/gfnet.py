@@ -43,7 +43,7 @@ from dynaneural.policies import PolicySample, ReinforceLoss, create_exit_rule, s
 from dynaneural.registry import register_model
 from dynaneural.validation import check_batch
 
-__all__ = ["GFNet", "GFNetConfig", "GFNetOutput", "StaticGlanceFocus", "crop_patches", "patch_origins"]
+__all__ = ["GFNet", "GFNetConfig", "GFNetOutput", "StaticGlance", "StaticGlanceFocus", "crop_patches", "patch_origins"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,27 @@ class StaticGlanceFocus(nn.Module):
             loc = self.policy_head(h).argmax(-1)
             h = self.gru(self.focus(crop_patches(x, loc, self.cfg)), h)
         return self.head(h)
+
+
+class StaticGlance(nn.Module):
+    """GFNet's step 0 alone as a static classifier — down-sampling, the glance CNN, the GRU cell from a zero state and
+    a linear head — built fresh from a config, to be trained on its own.
+
+    It is the static member of GFNet's own design at the glance's cost: a benchmark that credits GFNet's focus
+    steps and early exits must show them beating this network, not only a static family of another design.
+    """
+
+    def __init__(self, cfg: GFNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.down = nn.AvgPool2d(cfg.glance_scale)
+        self.glance = _cnn(cfg.in_chans, cfg.glance_widths, 1)
+        self.gru = nn.GRUCell(cfg.glance_widths[-1], cfg.hidden)
+        self.head = nn.Linear(cfg.hidden, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_batch(x, input_shape=(self.cfg.in_chans, self.cfg.input_size, self.cfg.input_size))
+        return self.head(self.gru(self.glance(self.down(x))))
 
 
 class GFNet(AllOnFlag, DynamicModel):
