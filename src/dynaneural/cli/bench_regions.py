@@ -2,7 +2,7 @@
 
 Trains GFNet (per-step cross-entropy + REINFORCE patch policy, :meth:`GFNet.loss`), RANet (the multi-exit loss)
 and a static family — RANet truncated to its first k resolutions, each trained on its own (``exits="last"``) —
-on the recipe's dataset (GFNet with the recipe's ``options.gfnet_train`` settings on top). GFNet's confidence
+on the recipe's dataset (with ``options.augment``; GFNet with ``options.gfnet_train`` on top). GFNet's confidence
 threshold (:meth:`GFNet.calibrate`) and RANet's exit thresholds (:func:`~dynaneural.calibration.calibrate_exits`)
 are calibrated to each budget (fraction of the method's own static twin) on the validation split. Every row is a
 :class:`~dynaneural.bench.rows.SpeedupRow` timed interleaved against the same reference — the full static RANet (all
@@ -35,7 +35,7 @@ def run_region_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str |
     from dynaneural.bench.rows import SpeedupRow, time_against_static
     from dynaneural.calibration import calibrate_exits
     from dynaneural.compute.flops import static_flops
-    from dynaneural.data import load_dataset
+    from dynaneural.data import augmentation, load_dataset
     from dynaneural.engine import TrainConfig, evaluate, train
     from dynaneural.registry import create_model
     from dynaneural.spatial_wise.region.gfnet import StaticGlance
@@ -45,14 +45,17 @@ def run_region_bench(recipe: Any, *, data_dir: str | None = None, out_dir: str |
     bench = recipe.bench
     budgets = list(recipe.calibration.budgets)
     seed = int(recipe.train.get("seed", 0))
+    augment_name = opts.get("augment")
+    augment = augmentation(augment_name)
 
     def fit(model: torch.nn.Module, tag: str, name: str, kwargs: dict[str, Any], *, loss_fn: Any = None,
             overrides: dict[str, Any] | None = None) -> None:
         """Train on the recipe's settings with ``overrides`` (e.g. ``options.gfnet_train``) on top, resumable."""
         settings = {**recipe.train, **(overrides or {}), "progress": False}
-        ckpt = training_dir(out_dir, tag, name, kwargs, recipe.data, recipe.dataset, settings)
+        parts = (name, kwargs, recipe.data, recipe.dataset, settings) + ((augment_name,) if augment_name else ())
+        ckpt = training_dir(out_dir, tag, *parts)
         train(model, train_x=data.train_x, train_y=data.train_y,
-              config=TrainConfig.from_dict({**settings, "checkpoint_dir": ckpt}), loss_fn=loss_fn)
+              config=TrainConfig.from_dict({**settings, "checkpoint_dir": ckpt}), loss_fn=loss_fn, augment=augment)
         model.eval()
 
     torch.manual_seed(seed)
