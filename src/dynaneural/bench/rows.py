@@ -12,7 +12,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,19 @@ class SpeedupRow:
         d["accuracy_loss_pp"] = self.accuracy_loss_pp
         return {**d, **extra}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SpeedupRow:
+        """The row back from :meth:`to_dict` (a bench JSON's ``rows`` entry): the shared keys become fields, every
+        other key goes to ``extra`` (``accuracy_loss_pp`` is derived, so it is dropped)."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        missing = sorted(f.name for f in fields(cls)
+                         if f.name in names and f.default is MISSING and f.default_factory is MISSING
+                         and f.name not in d)
+        if missing:
+            raise ValueError(f"not a bench row: missing {missing}")
+        return cls(**{k: v for k, v in d.items() if k in names},
+                   extra={k: v for k, v in d.items() if k not in names and k != "accuracy_loss_pp"})
+
 
 @torch.inference_mode()
 def time_against_static(static_fn: Callable[[torch.Tensor], Any], dynamic_fn: Callable[[torch.Tensor], Any],
@@ -79,7 +92,9 @@ def write_bench_json(path: str | Path, rows: Sequence[SpeedupRow | dict[str, Any
            "allocator": {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")},
            "command": "dynaneural " + " ".join(sys.argv[1:]), **meta,
            "rows": [r.to_dict() if isinstance(r, SpeedupRow) else r for r in rows]}
-    path.write_text(json.dumps(doc, indent=2, default=float))
+    tmp = path.with_name(path.name + ".tmp")  # a run cut while writing leaves the previous file whole
+    tmp.write_text(json.dumps(doc, indent=2, default=float))
+    tmp.replace(path)
     return path
 
 

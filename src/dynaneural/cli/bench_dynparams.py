@@ -208,7 +208,7 @@ def cmd_bench_dynparams(args: argparse.Namespace) -> int:
 
 
 def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
-    from dynaneural.cli.main import add_dataset_option
+    from dynaneural.cli.main import add_dataset_option, add_seed_options
 
     d = bsub.add_parser("dynparams", help="dynamic parameters (CondConv, DyConv, hypernetwork, SE) and gated "
                                           "dense connections against the static CNN")
@@ -216,10 +216,8 @@ def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
     d.add_argument("--recipe", default=None, help="default: dynparams_<dataset>")
     d.add_argument("--quick", action="store_true", help="the recipe's quick variant")
     d.add_argument("--epochs", type=int, default=None)
-    d.add_argument("--seed", type=int, default=None, help="training seed (initialisation and data order; the "
-                                                          "validation split stays the recipe's); default: the recipe's")
-    d.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="run every seed in turn (each as --seed) and write one JSON with a summary across seeds")
+    add_seed_options(d, seeds_help="run every seed in turn (each as --seed) and write one JSON with a summary "
+                                    "across seeds")
     d.add_argument("--methods", default=None, help="comma-separated subset of the recipe's methods "
                                                    f"({','.join(_METHODS)})")
     d.add_argument("--threads", type=int, default=1, help="torch threads (timing is per thread count)")

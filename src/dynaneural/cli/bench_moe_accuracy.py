@@ -216,16 +216,14 @@ def cmd_bench_moe_accuracy(args: argparse.Namespace) -> int:
 
 
 def register(bsub: Any, *, common: Any, data_opts: Any) -> None:
-    from dynaneural.cli.main import add_dataset_option
+    from dynaneural.cli.main import add_dataset_option, add_seed_options
 
     p = bsub.add_parser("moe-accuracy", help="MoE model vs its dense twin of equal active FLOPs")
     add_dataset_option(p, default="mnist", choices=["mnist", "fashion-mnist", "cifar10"])
     p.add_argument("--recipe", default=None, help="default: moe_accuracy_<dataset>")
     p.add_argument("--quick", action="store_true", help="the recipe's quick variant")
-    p.add_argument("--seed", type=int, default=None, help="training seed (initialisation and data order; the "
-                                                          "data split stays the recipe's); default: the recipe's")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="train and compare once per seed; one JSON with every seed and a summary of the gain")
+    add_seed_options(p, seeds_help="train and compare once per seed; one JSON with every seed and a summary of "
+                                    "the gain")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the timing rows")
     p.add_argument("--json", default=None, help="write the rows here (e.g. benchmarks/moe_accuracy_mnist.json)")
     p.add_argument("--out", default=None, help="folder for resumable, reusable training checkpoints "

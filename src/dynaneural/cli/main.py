@@ -85,17 +85,63 @@ def run_recipe_bench(args: argparse.Namespace, *, prefix: str, run: Any) -> int:
     return 0
 
 
+def study_digest(recipe: Any) -> str:
+    """A digest of everything in ``recipe`` but its training seed: the runs of one seed study share it, so seeds
+    measured by separate runs (``--from-json``) are only pooled when they ran the same experiment."""
+    from dynaneural.bench.cache import run_digest
+
+    train = {k: v for k, v in recipe.train.items() if k != "seed"}
+    return run_digest(recipe.name, recipe.model, recipe.dataset, recipe.model_kwargs, recipe.data, train,
+                      vars(recipe.calibration), vars(recipe.bench), recipe.options)
+
+
+def _measured_seeds(paths: list[str], digest: str) -> dict[int, dict[str, Any]]:
+    """``{seed: {"rows", "meta", "from"}}`` from earlier ``--seeds`` JSONs of the same study (same digest)."""
+    from dynaneural.bench.rows import SpeedupRow
+
+    found: dict[int, dict[str, Any]] = {}
+    for path in paths:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--from-json {path}: cannot read a bench JSON ({e})") from None
+        if not isinstance(doc, dict) or "per_seed_meta" not in doc or "rows" not in doc:
+            raise SystemExit(f"--from-json {path}: not the JSON of a --seeds run (no per_seed_meta)")
+        if doc.get("study_digest") != digest:
+            raise SystemExit(f"--from-json {path}: another experiment (study digest {doc.get('study_digest')}, "
+                             f"this run's is {digest}): only seeds of the same recipe and settings are pooled")
+        for key, meta in doc["per_seed_meta"].items():
+            seed = int(key)
+            if seed in found:
+                raise SystemExit(f"--from-json: seed {seed} is in both {found[seed]['from']} and {path}")
+            rows = [SpeedupRow.from_dict(r) for r in doc["rows"] if r.get("seed") == seed]
+            if not rows:
+                raise SystemExit(f"--from-json {path}: seed {seed} has metadata but no rows")
+            found[seed] = {"rows": rows, "meta": meta, "from": path}
+    return found
+
+
 def run_recipe_bench_over_seeds(args: argparse.Namespace, *, prefix: str, run: Any,
                                 summarise: Any, report: Any) -> int:
     """``run_recipe_bench`` once per seed of ``args.seeds`` (each overrides the recipe's training seed:
     initialisation and data order; the data split stays), then one JSON holding every seed's rows (each with
     ``extra["seed"]``), ``per_seed_meta`` and ``summary = summarise({seed: {rows, meta}})``; ``report(summary)``
-    returns the lines printed at the end. Without ``--seeds`` it is ``run_recipe_bench``."""
+    returns the lines printed at the end. Without ``--seeds`` it is ``run_recipe_bench``.
+
+    A seed study may outlast one run: the JSON is rewritten after every seed (``complete`` false until the last),
+    so a cut run keeps the seeds it finished, and ``--from-json`` takes the seeds that earlier runs of the same
+    study already measured from their JSONs instead of training them again."""
     if not args.seeds:
+        if getattr(args, "from_json", None):
+            raise SystemExit("--from-json pools the seeds of a --seeds study: give --seeds too")
         return run_recipe_bench(args, prefix=prefix, run=run)
     if args.seed is not None:
         raise SystemExit("give either --seed or --seeds, not both")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"--seeds repeats a seed: {args.seeds}")
     _maybe_reexec_with_tuned_allocator(args)
+    digest = study_digest(resolve_recipe(args, prefix=prefix))
+    earlier = _measured_seeds(list(getattr(args, "from_json", None) or []), digest)
     per_seed: dict[int, dict[str, Any]] = {}
 
     def one_seed(recipe: Any, **kw: Any) -> dict[str, Any]:
@@ -104,22 +150,45 @@ def run_recipe_bench_over_seeds(args: argparse.Namespace, *, prefix: str, run: A
             r.extra["seed"] = args.seed
         return res
 
+    def write(summary: Any) -> None:
+        from dynaneural.bench.rows import write_bench_json
+
+        done = [s for s in args.seeds if s in per_seed]
+        rows = [r for s in done for r in per_seed[s]["rows"]]
+        path = write_bench_json(json_path, rows, recipe=args.recipe, study_digest=digest, seeds=done,
+                                seeds_requested=list(args.seeds), complete=len(done) == len(args.seeds),
+                                seeds_from_json={s: earlier[s]["from"] for s in done if s in earlier},
+                                per_seed_meta={s: per_seed[s]["meta"] for s in done}, summary=summary)
+        print(f"wrote {path} ({len(done)} of {len(args.seeds)} seeds)", file=sys.stderr)
+
     json_path = args.json
     args.json = None  # one JSON for every seed, below
     for seed in args.seeds:
-        args.seed = seed
-        run_recipe_bench(args, prefix=prefix, run=one_seed)
-    summary = summarise(per_seed)
+        if seed in earlier:
+            print(f"seed {seed}: measured before, taken from {earlier[seed]['from']}", flush=True)
+            per_seed[seed] = {"rows": earlier[seed]["rows"], "meta": earlier[seed]["meta"]}
+        else:
+            args.seed = seed
+            run_recipe_bench(args, prefix=prefix, run=one_seed)
+        if json_path and seed != args.seeds[-1]:
+            write(summarise({s: per_seed[s] for s in args.seeds if s in per_seed}))
+    summary = summarise({s: per_seed[s] for s in args.seeds})
     for line in report(summary):
         print(line)
     if json_path:
-        from dynaneural.bench.rows import write_bench_json
-
-        rows = [r for s in sorted(per_seed) for r in per_seed[s]["rows"]]
-        path = write_bench_json(json_path, rows, recipe=args.recipe, seeds=list(args.seeds),
-                                per_seed_meta={s: per_seed[s]["meta"] for s in sorted(per_seed)}, summary=summary)
-        print(f"wrote {path}", file=sys.stderr)
+        write(summary)
     return 0
+
+
+def add_seed_options(parser: argparse.ArgumentParser, *, seeds_help: str) -> None:
+    """``--seed``, ``--seeds`` and ``--from-json`` of a bench that runs :func:`run_recipe_bench_over_seeds`."""
+    parser.add_argument("--seed", type=int, default=None, help="training seed (initialisation and data order; "
+                                                                "the data split stays the recipe's); default: the "
+                                                                "recipe's")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help=seeds_help)
+    parser.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                        help="with --seeds: take the seeds that these earlier --seeds JSONs of the same recipe "
+                             "and settings measured instead of training them again (a study over several runs)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
