@@ -154,7 +154,11 @@ def test_to_cascade_is_the_same_cascade_as_a_multi_exit_network_and_streams():
         # Thresholds half-way between two samples' first-rung scores, below all of them and above all of them.
         # Not a threshold equal to a score: execute mode runs the widths with folded batch norms and the exported
         # cascade unfolded, so a sample exactly at the threshold may fall either way by one rounding.
-        mids = [float(first[k] + first[k + 1]) / 2 for k in (0, 28, 66, 94)]
+        # Near each of four ranks, the widest gap between neighbouring scores, so the rounding cannot cross it.
+        gaps = first[1:] - first[:-1]
+        ks = [lo + int(gaps[lo:lo + 8].argmax()) for lo in (0, 24, 62, 87)]
+        assert all(gaps[k] > 1e-5 for k in ks)
+        mids = [float(first[k] + first[k + 1]) / 2 for k in ks]
         for t in (0.0, *mids, 1.0):
             m.set_threshold(t)
             c = m.to_cascade()
